@@ -1,0 +1,63 @@
+# The one entry point for people and CI. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+
+GEN_DIR := clients/python/src
+PROTO_FILES := $(shell find proto -name '*.proto' | sort)
+
+KV_HOST ?= 127.0.0.1
+KV_PORT ?= 50051
+
+.PHONY: help setup generate check-generated lint typecheck test test-fast run bench verify fix clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): constraints.txt requirements-dev.txt clients/python/pyproject.toml server/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements-dev.txt -e clients/python -e server
+	touch $@
+
+setup: $(STAMP) ## Create .venv with the server, the client and the tools (pinned)
+
+generate: $(STAMP) ## Regenerate the Python stubs from proto/ (pinned protoc and plugins)
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) scripts/generate.py
+
+check-generated: $(STAMP) ## Fail if the generated code is not what `make generate` writes
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) scripts/generate.py --check
+
+lint: $(STAMP) ## ruff, layering contracts, buf lint and buf breaking
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/buf lint
+	$(BIN)/buf breaking --against proto-baseline
+
+typecheck: $(STAMP) ## mypy --strict over the server, the client and the tests
+	$(BIN)/mypy
+
+test: $(STAMP) ## The whole test suite (what CI runs)
+	$(MAKE) --no-print-directory check-generated lint typecheck
+	$(BIN)/pytest
+
+test-fast: $(STAMP) ## The test suite without the slow crash and restart tests
+	$(BIN)/pytest -m "not slow"
+
+run: $(STAMP) ## Run the server on the embedded SQLite store (./data/kv.db)
+	$(BIN)/kv-server --host $(KV_HOST) --port $(KV_PORT)
+
+verify: test ## What CI runs
+
+fix: $(STAMP) ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean: ## Remove the virtualenv and caches (keeps ./data)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
