@@ -1,0 +1,216 @@
+"""The kv.v1.KeyValue servicer: each method converts the request, calls the service layer and
+converts the result. Errors become statuses through api.errors, in one place (`_guarded`)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from kv.v1 import kv_pb2
+from kvserver import domain
+from kvserver.api import convert
+from kvserver.api.errors import status_for
+from kvserver.api.parsing import Malformed, parser
+from kvserver.config import Limits, WatchSettings
+from kvserver.service.kv import KvService, ListQuery
+from kvserver.service.watch import CancelReason, WatchHub, WatchSpec
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name
+
+_CANCEL_STATUS = {
+    CancelReason.COMPACTED: grpc.StatusCode.OUT_OF_RANGE,
+    CancelReason.SLOW_CONSUMER: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    CancelReason.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
+}
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    version: str
+    server_id: str
+    started_ms: int
+    watch: WatchSettings
+
+
+def request_id(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return str(value)[:64]
+    return uuid.uuid4().hex[:16]
+
+
+async def _abort_for(error: Exception, context: Context, method: str) -> None:
+    if isinstance(error, domain.KvError):
+        code = status_for(error)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+            log.error("%s failed (request %s): %s", method, request_id(context), error)
+        await context.abort(code, str(error))
+    reference = request_id(context)
+    log.exception("%s failed unexpectedly (request %s)", method, reference, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {reference})")
+
+
+def _guarded(
+    method: str, behaviour: Callable[[Req, Context], Awaitable[Resp]]
+) -> Callable[[Req | Malformed, Context], Awaitable[Resp]]:
+    async def handle(request: Req | Malformed, context: Context) -> Resp:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        assert not isinstance(request, Malformed)
+        try:
+            return await behaviour(request, context)
+        except Exception as error:  # noqa: BLE001 - every error leaves through the table
+            if isinstance(error, grpc.aio.AbortError):
+                raise
+            await _abort_for(error, context, method)
+            raise
+
+    return handle
+
+
+class KeyValueServicer:
+    def __init__(self, kv: KvService, hub: WatchHub, info: ServerInfo) -> None:
+        self._kv = kv
+        self._hub = hub
+        self._info = info
+
+    async def get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
+        revision, entry = await self._kv.get(request.key)
+        return kv_pb2.GetResponse(header=convert.header(revision), entry=convert.entry_to_proto(entry))
+
+    async def put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
+        result = await self._kv.put(
+            request.key,
+            convert.request_value(request),
+            ttl_ms=request.ttl_ms,
+            conditions=convert.conditions(request),
+        )
+        response = kv_pb2.PutResponse(
+            header=convert.header(result.revision),
+            created=result.created,
+            entry=convert.entry_to_proto(result.entry, with_value=False),
+        )
+        if request.return_previous and result.prev is not None:
+            response.prev_entry.CopyFrom(convert.entry_to_proto(result.prev))
+        # Lets the REST gateway answer 201 Created for a new key.
+        await context.send_initial_metadata((("x-kv-created", "true" if result.created else "false"),))
+        return response
+
+    async def delete(self, request: kv_pb2.DeleteRequest, context: Context) -> kv_pb2.DeleteResponse:
+        result = await self._kv.delete(
+            request.key,
+            prefix=request.prefix,
+            allow_missing=request.allow_missing,
+            conditions=convert.conditions(request),
+        )
+        revision = result.revision if result.deleted else self._kv.store.revision
+        response = kv_pb2.DeleteResponse(header=convert.header(revision), deleted=len(result.deleted))
+        if request.return_previous:
+            response.prev_entries.extend(convert.entry_to_proto(entry) for entry in result.deleted)
+        return response
+
+    async def list(self, request: kv_pb2.ListRequest, context: Context) -> kv_pb2.ListResponse:
+        page = await self._kv.list(
+            ListQuery(
+                prefix=request.prefix,
+                start_key=request.start_key,
+                end_key=request.end_key,
+                page_size=request.page_size,
+                page_token=request.page_token,
+                keys_only=request.keys_only,
+                include_count=request.include_count,
+            )
+        )
+        return kv_pb2.ListResponse(
+            header=convert.header(page.revision),
+            entries=[convert.entry_to_proto(entry, with_value=not request.keys_only) for entry in page.entries],
+            next_page_token=page.next_page_token,
+            count=page.count,
+        )
+
+    async def status(self, request: kv_pb2.StatusRequest, context: Context) -> kv_pb2.StatusResponse:
+        stats = await self._kv.status()
+        limits = self._kv.limits
+        return kv_pb2.StatusResponse(
+            header=convert.header(stats.revision),
+            server_version=self._info.version,
+            server_id=self._info.server_id,
+            store=self._kv.store.name,
+            compact_revision=stats.compact_revision,
+            key_count=stats.key_count,
+            limits=_limits_to_proto(limits, self._info.watch),
+            started_time=convert.timestamp_from_ms(self._info.started_ms),
+        )
+
+    async def watch(
+        self, request: kv_pb2.WatchRequest | Malformed, context: Context
+    ) -> AsyncIterator[kv_pb2.WatchResponse]:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        assert not isinstance(request, Malformed)
+        spec = WatchSpec(
+            key=request.key,
+            prefix=request.prefix,
+            start_revision=request.start_revision,
+            include_initial_state=request.include_initial_state,
+            progress_interval_ms=request.progress_interval_ms,
+        )
+        try:
+            async for message in self._hub.watch(spec):
+                yield convert.watch_message_to_proto(message, with_previous=request.include_previous)
+                if message.cancel is not None:
+                    await context.abort(_CANCEL_STATUS[message.cancel.reason], message.cancel.message)
+        except Exception as error:  # noqa: BLE001 - every error leaves through the table
+            if isinstance(error, grpc.aio.AbortError):
+                raise
+            await _abort_for(error, context, "Watch")
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(name: str, behaviour: Any, request_type: type[Message]) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                _guarded(name, behaviour),
+                request_deserializer=parser(request_type),
+                response_serializer=_serialize,
+            )
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Get": unary("Get", self.get, kv_pb2.GetRequest),
+                "Put": unary("Put", self.put, kv_pb2.PutRequest),
+                "Delete": unary("Delete", self.delete, kv_pb2.DeleteRequest),
+                "List": unary("List", self.list, kv_pb2.ListRequest),
+                "Status": unary("Status", self.status, kv_pb2.StatusRequest),
+                "Watch": grpc.unary_stream_rpc_method_handler(
+                    self.watch,
+                    request_deserializer=parser(kv_pb2.WatchRequest),
+                    response_serializer=_serialize,
+                ),
+            },
+        )
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _limits_to_proto(limits: Limits, watch: WatchSettings) -> kv_pb2.Limits:
+    return kv_pb2.Limits(
+        max_key_bytes=limits.max_key_bytes,
+        max_value_bytes=limits.max_value_bytes,
+        default_page_size=limits.default_page_size,
+        max_page_size=limits.max_page_size,
+        default_progress_interval_ms=watch.progress_interval_ms,
+    )

@@ -1,0 +1,55 @@
+"""The server's configuration: the one place where defaults live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+StoreKind = Literal["sqlite", "memory"]
+SyncMode = Literal["full", "normal"]
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_key_bytes: int = 4096
+    max_value_bytes: int = 1024 * 1024
+    default_page_size: int = 100
+    max_page_size: int = 1000
+    # A List page or a watch message stops growing past this many bytes of keys and values, so
+    # responses stay under gRPC's default 4 MiB message limit of clients.
+    max_response_bytes: int = 3 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRetention:
+    """Events are kept while both bounds allow: the newest `max_events`, and those younger than
+    `max_age_s`. Watches and listings can start anywhere inside the retained history."""
+
+    max_events: int = 100_000
+    max_age_s: float = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSettings:
+    progress_interval_ms: int = 5000
+    # Events a stream may have pending before the server ends it as a slow consumer.
+    buffer_events: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    store: StoreKind = "sqlite"
+    store_path: str = "./data/kv.db"
+    sync: SyncMode = "full"
+    cache_capacity: int = 10_000
+    limits: Limits = Limits()
+    history: HistoryRetention = HistoryRetention()
+    watch: WatchSettings = WatchSettings()
+    shutdown_grace_s: float = 10.0
+    log_format: LogFormat = "text"
+    log_level: str = "INFO"
+    # Signs List page tokens. Empty: a random secret per process (tokens end with the process).
+    page_token_secret: str = ""

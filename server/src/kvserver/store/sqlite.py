@@ -1,0 +1,601 @@
+"""The durable store: one SQLite file, opened through sqlitedict.
+
+Layout of the file:
+- `kv`: sqlitedict's table (key TEXT PRIMARY KEY, value BLOB), values stored as raw bytes (never
+  pickle), with the metadata columns this store adds. `SqliteDict(path, tablename="kv",
+  decode=bytes)` can still read it.
+- `kv_events`: the history, one row per revision, written in the same transaction as the change
+  it records. Each row also keeps the key's previous state, which is what lets a listing read an
+  older revision while writes go on.
+- `kv_state`: the revision counters.
+
+Writes are group-committed: the operations that arrive while a commit is in flight are applied
+together in the next transaction, with one fsync, and each is acknowledged only after that
+transaction is durable. All writes run on the writer connection's sqlitedict worker thread;
+reads use a second connection (WAL readers never wait for the writer and see only committed
+transactions). Neither connection is ever used from the event loop's thread: statements are
+queued to the worker and their rows come back through a future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlitedict import SqliteDict
+
+from kvserver.domain import (
+    Compacted,
+    Entry,
+    Event,
+    EventType,
+    ExpireOp,
+    DeleteOp,
+    FutureRevision,
+    KeyRange,
+    KvError,
+    Page,
+    PutOp,
+    StorageFailure,
+    StoreStats,
+    WriteOp,
+    WriteResult,
+    wall_clock_ms,
+)
+from kvserver.store.base import EventListener
+from kvserver.store.planner import BatchPlan, plan_batch
+
+log = logging.getLogger(__name__)
+# sqlitedict logs every failed statement with stacks at ERROR level; this module reports the
+# failures itself, once, where it can say what they mean.
+logging.getLogger("sqlitedict").setLevel(logging.CRITICAL)
+
+SyncMode = Literal["full", "normal"]
+
+# sqlitedict's worker puts this after the last row of every statement that has a result sink.
+_END_OF_ROWS = "--no more--"
+_MAX_BATCH = 512
+# SQLite allows 32766 bound parameters per statement.
+_ROWS_PER_INSERT = 1000
+_ENTRY_COLUMNS = "key, value, create_revision, mod_revision, version, expire_at_ms"
+
+_SCHEMA = [
+    "ALTER TABLE kv ADD COLUMN create_revision INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE kv ADD COLUMN mod_revision INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE kv ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE kv ADD COLUMN expire_at_ms INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX kv_deadlines ON kv (expire_at_ms) WHERE expire_at_ms > 0",
+    """CREATE TABLE kv_events (
+        revision INTEGER PRIMARY KEY,
+        type INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        time_ms INTEGER NOT NULL,
+        value BLOB,
+        create_revision INTEGER,
+        version INTEGER,
+        expire_at_ms INTEGER,
+        prev_value BLOB,
+        prev_create_revision INTEGER,
+        prev_mod_revision INTEGER,
+        prev_version INTEGER,
+        prev_expire_at_ms INTEGER
+    )""",
+    "CREATE INDEX kv_events_by_key ON kv_events (key, revision)",
+    "CREATE TABLE kv_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "INSERT INTO kv_state VALUES ('revision', 0), ('compact_revision', 0), ('schema', 1)",
+]
+
+
+class _Rows:
+    """A result sink for sqlitedict's worker thread that completes an asyncio future.
+
+    The worker calls `put` for each row and then the end marker. An error of the statement is
+    recorded on the connection just before the end marker, and the worker runs one statement at
+    a time, so reading it at the end marker attributes it to this statement.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, connection: Any) -> None:
+        self._loop = loop
+        self._connection = connection
+        self._rows: list[tuple[Any, ...]] = []
+        self.future: asyncio.Future[list[tuple[Any, ...]]] = loop.create_future()
+
+    def put(self, item: Any) -> None:
+        if item != _END_OF_ROWS:
+            self._rows.append(item)
+            return
+        with self._connection._lock:
+            error, self._connection.exception = self._connection.exception, None
+        try:
+            self._loop.call_soon_threadsafe(self._finish, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _finish(self, error: tuple[Any, ...] | None) -> None:
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(StorageFailure(f"storage error: {error[1]}"))
+        else:
+            self.future.set_result(self._rows)
+
+
+class _Connection:
+    """One sqlitedict connection used asynchronously."""
+
+    def __init__(self, path: str, *, read_only: bool) -> None:
+        self._dict = SqliteDict(
+            path,
+            tablename="kv",
+            flag="r" if read_only else "c",
+            journal_mode="WAL",
+            autocommit=False,
+            encode=bytes,
+            decode=bytes,
+            outer_stack=False,
+        )
+        self._worker = self._dict.conn
+
+    def submit(self, sql: str, args: Sequence[Any] = ()) -> asyncio.Future[list[tuple[Any, ...]]]:
+        rows = _Rows(asyncio.get_running_loop(), self._worker)
+        # Queued directly rather than through `execute`, which first re-raises any pending error
+        # of the worker in the caller: that error belongs to the statement whose sink collects it.
+        self._worker.reqs.put((sql, tuple(args), weakref.ref(rows), None))
+        future = rows.future
+        # sqlitedict holds the sink weakly; keep it alive until its rows arrive.
+        future.add_done_callback(lambda _: rows)
+        return future
+
+    async def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return await self.submit(sql, args)
+
+    def close(self) -> None:
+        self._dict.close()
+
+
+@dataclass
+class _Pending:
+    op: WriteOp
+    future: asyncio.Future[WriteResult]
+
+
+class _Prefetched:
+    """The committed state that a batch reads, fetched before it is planned."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry | None] = {}
+        self.ranges: list[tuple[KeyRange, list[Entry]]] = []
+        self.due_entries: list[Entry] = []
+
+    def lookup(self, key: str) -> Entry | None:
+        return self.entries.get(key)
+
+    def scan(self, keys: KeyRange) -> Iterable[Entry]:
+        for fetched_range, entries in self.ranges:
+            if fetched_range == keys:
+                return entries
+        raise AssertionError(f"range {keys} was not prefetched")
+
+    def due(self, now_ms: int, limit: int) -> Iterable[Entry]:
+        return [entry for entry in self.due_entries if entry.expired(now_ms)][:limit]
+
+
+class SqliteStore:
+    name = "sqlite"
+
+    def __init__(self, path: str, *, sync: SyncMode = "full") -> None:
+        self._path = path
+        self._sync = sync
+        self._writer: _Connection | None = None
+        self._reader: _Connection | None = None
+        self._revision = 0
+        self._compact_revision = 0
+        self._listeners: list[EventListener] = []
+        self._queue: list[_Pending] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.batches = 0
+        self.batched_writes = 0
+
+    @classmethod
+    async def open(cls, path: str, *, sync: SyncMode = "full") -> SqliteStore:
+        store = cls(path, sync=sync)
+        await store._open()
+        return store
+
+    async def _open(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self._path))
+        os.makedirs(directory, exist_ok=True)
+        self._writer = await asyncio.to_thread(_Connection, self._path, read_only=False)
+        await self._writer.query(f"PRAGMA synchronous={self._sync.upper()}")
+        tables = {row[0] for row in await self._writer.query("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "kv_state" not in tables:
+            await self._migrate()
+        state = dict(await self._writer.query("SELECT name, value FROM kv_state"))
+        self._revision = int(state["revision"])
+        self._compact_revision = int(state["compact_revision"])
+        self._reader = await asyncio.to_thread(_Connection, self._path, read_only=True)
+        log.info(
+            "opened sqlite store %s at revision %d (synchronous=%s)", self._path, self._revision, self._sync
+        )
+
+    async def _migrate(self) -> None:
+        writer = self._require(self._writer)
+        await writer.query("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA:
+                await writer.query(statement)
+            await writer.query("COMMIT")
+        except StorageFailure:
+            await _rollback(writer)
+            raise
+
+    @staticmethod
+    def _require(connection: _Connection | None) -> _Connection:
+        if connection is None:
+            raise StorageFailure("the store is closed")
+        return connection
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    @property
+    def compact_revision(self) -> int:
+        return self._compact_revision
+
+    def add_listener(self, listener: EventListener) -> None:
+        self._listeners.append(listener)
+
+    # Reads.
+
+    async def get(self, key: str, now_ms: int) -> tuple[int, Entry | None]:
+        rows = await self._require(self._reader).query(
+            "SELECT s.value, kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.expire_at_ms "
+            "FROM kv_state s LEFT JOIN kv ON kv.key = ? "
+            "WHERE s.name = 'revision'",
+            (key,),
+        )
+        revision, *columns = rows[0]
+        entry = _entry(columns) if columns[0] is not None else None
+        if entry is not None and entry.expired(now_ms):
+            entry = None
+        return int(revision), entry
+
+    async def range(
+        self,
+        keys: KeyRange,
+        *,
+        revision: int,
+        after: str | None,
+        limit: int,
+        keys_only: bool,
+        now_ms: int,
+    ) -> Page:
+        entries: list[Entry] = []
+        cursor = after
+        while len(entries) <= limit:
+            want = limit + 1 - len(entries)
+            rows = await self._snapshot_rows(keys, revision, cursor, want, keys_only)
+            for row in rows:
+                entry = _snapshot_entry(row)
+                if entry is not None and not entry.expired(now_ms):
+                    entries.append(entry)
+            if len(rows) < want:
+                break
+            cursor = rows[-1][0]
+        return Page(revision, tuple(entries[:limit]), more=len(entries) > limit)
+
+    async def count(self, keys: KeyRange, *, revision: int, now_ms: int) -> int:
+        sql, args = _snapshot_query(keys, revision, None, None, keys_only=True)
+        rows = await self._require(self._reader).query(
+            f"SELECT key, cur_create, cur_expire, changed, prev_create, prev_expire, compacted FROM ({sql})", args
+        )
+        self._check_snapshot(rows, revision)
+        return sum(1 for row in rows if _exists_at(row[1:6], now_ms))
+
+    async def _snapshot_rows(
+        self, keys: KeyRange, revision: int, after: str | None, limit: int, keys_only: bool
+    ) -> list[tuple[Any, ...]]:
+        sql, args = _snapshot_query(keys, revision, after, limit, keys_only=keys_only)
+        rows = await self._require(self._reader).query(sql, args)
+        self._check_snapshot(rows, revision)
+        return rows
+
+    def _check_snapshot(self, rows: list[tuple[Any, ...]], revision: int) -> None:
+        if revision > self._revision:
+            raise FutureRevision(revision, self._revision)
+        compact_revision = max(self._compact_revision, rows[0][-1] if rows else 0)
+        if revision < compact_revision:
+            raise Compacted(revision, compact_revision)
+
+    async def events(self, keys: KeyRange, *, start_revision: int, end_revision: int, limit: int) -> list[Event]:
+        end_clause, end_args = ("AND key < ?", [keys.end]) if keys.end is not None else ("", [])
+        rows = await self._require(self._reader).query(
+            f"""SELECT (SELECT value FROM kv_state WHERE name = 'compact_revision'), revision, type, key,
+                       value, create_revision, version, expire_at_ms, prev_value, prev_create_revision,
+                       prev_mod_revision, prev_version, prev_expire_at_ms
+                FROM (SELECT 1) LEFT JOIN kv_events
+                  ON revision >= ? AND revision <= ? AND key >= ? {end_clause}
+                ORDER BY revision LIMIT ?""",
+            [start_revision, end_revision, keys.start, *end_args, limit],
+        )
+        compact_revision = int(rows[0][0])
+        if start_revision <= compact_revision:
+            raise Compacted(start_revision, compact_revision)
+        return [_event(row[1:]) for row in rows if row[1] is not None]
+
+    async def revision_at(self, time_ms: int) -> int:
+        rows = await self._require(self._reader).query(
+            "SELECT MAX(revision) FROM kv_events WHERE time_ms < ?", (time_ms,)
+        )
+        return int(rows[0][0] or self._compact_revision)
+
+    async def next_expiry(self) -> int | None:
+        rows = await self._require(self._reader).query("SELECT MIN(expire_at_ms) FROM kv WHERE expire_at_ms > 0")
+        return int(rows[0][0]) if rows[0][0] is not None else None
+
+    async def stats(self) -> StoreStats:
+        rows = await self._require(self._reader).query("SELECT COUNT(*) FROM kv")
+        page_rows = await self._require(self._reader).query(
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"
+        )
+        return StoreStats(
+            self._revision,
+            self._compact_revision,
+            int(rows[0][0]),
+            {"file_bytes": int(page_rows[0][0]), "batches": self.batches, "batched_writes": self.batched_writes},
+        )
+
+    async def check(self) -> None:
+        if self._closed:
+            raise StorageFailure("the store is closed")
+        await self._require(self._reader).query("SELECT 1 FROM kv_state LIMIT 1")
+
+    # Writes.
+
+    async def write(self, op: WriteOp) -> WriteResult:
+        if self._closed:
+            raise StorageFailure("the store is closed")
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(op, future))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_queued(), name="sqlite-committer")
+        return await asyncio.shield(future)
+
+    async def _commit_queued(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+            try:
+                plan = await self._commit([pending.op for pending in batch])
+            except Exception as error:  # every waiter of the batch gets the failure
+                failure = error if isinstance(error, KvError) else StorageFailure(f"storage error: {error}")
+                log.error("commit of %d writes failed: %s", len(batch), failure)
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(failure)
+                continue
+            for pending, result in zip(batch, plan.results, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(result, KvError):
+                    pending.future.set_exception(result)
+                else:
+                    pending.future.set_result(result)
+
+    async def _commit(self, ops: list[WriteOp]) -> BatchPlan:
+        writer = self._require(self._writer)
+        now = wall_clock_ms()
+        state = await self._prefetch(writer, ops, now)
+        plan = plan_batch(state, self._revision, ops, now)
+        if not plan.events and plan.compact_revision is None:
+            return plan
+        statements = _plan_statements(plan, now)
+        steps = [writer.submit("BEGIN IMMEDIATE"), *(writer.submit(sql, args) for sql, args in statements)]
+        outcomes = await asyncio.gather(*steps, return_exceptions=True)
+        failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+        if failure is None:
+            try:
+                await writer.query("COMMIT")
+            except StorageFailure as error:
+                failure = error
+        if failure is not None:
+            await _rollback(writer)
+            raise failure
+        self.batches += 1
+        self.batched_writes += len(ops)
+        self._revision = plan.revision
+        if plan.compact_revision is not None:
+            self._compact_revision = max(self._compact_revision, plan.compact_revision)
+        if plan.events:
+            for listener in self._listeners:
+                listener(plan.events)
+        return plan
+
+    async def _prefetch(self, writer: _Connection, ops: list[WriteOp], now_ms: int) -> _Prefetched:
+        state = _Prefetched()
+        keys = sorted({op.key for op in ops if isinstance(op, PutOp | DeleteOp) and not _is_prefix(op)})
+        queries: list[asyncio.Future[list[tuple[Any, ...]]]] = []
+        for start in range(0, len(keys), _ROWS_PER_INSERT):
+            chunk = keys[start : start + _ROWS_PER_INSERT]
+            placeholders = ",".join("?" * len(chunk))
+            queries.append(writer.submit(f"SELECT {_ENTRY_COLUMNS} FROM kv WHERE key IN ({placeholders})", chunk))
+        prefixes = [KeyRange.prefix(op.key) for op in ops if isinstance(op, DeleteOp) and op.prefix]
+        range_queries = [writer.submit(*_range_query(keys_range)) for keys_range in prefixes]
+        expire_limit = sum(op.limit for op in ops if isinstance(op, ExpireOp))
+        due_query = (
+            writer.submit(
+                f"SELECT {_ENTRY_COLUMNS} FROM kv WHERE expire_at_ms > 0 AND expire_at_ms <= ? "
+                "ORDER BY expire_at_ms LIMIT ?",
+                (now_ms, expire_limit),
+            )
+            if expire_limit
+            else None
+        )
+        state.entries = dict.fromkeys(keys)
+        for rows in await asyncio.gather(*queries):
+            state.entries.update((row[0], _entry(row)) for row in rows)
+        for keys_range, query in zip(prefixes, range_queries, strict=True):
+            state.ranges.append((keys_range, [_entry(row) for row in await query]))
+        if due_query is not None:
+            state.due_entries = [_entry(row) for row in await due_query]
+        for entries in [state.due_entries, *(entries for _, entries in state.ranges)]:
+            state.entries.update((entry.key, entry) for entry in entries)
+        return state
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._committer is not None:
+            await asyncio.gather(self._committer, return_exceptions=True)
+        for connection in (self._reader, self._writer):
+            if connection is not None:
+                await asyncio.to_thread(connection.close)
+        self._reader = self._writer = None
+        log.info("closed sqlite store %s at revision %d", self._path, self._revision)
+
+
+def _is_prefix(op: WriteOp) -> bool:
+    return isinstance(op, DeleteOp) and op.prefix
+
+
+async def _rollback(writer: _Connection) -> None:
+    try:
+        await writer.query("ROLLBACK")
+    except StorageFailure:  # there was no transaction left to roll back
+        pass
+
+
+def _entry(row: Sequence[Any]) -> Entry:
+    key, value, create_revision, mod_revision, version, expire_at_ms = row
+    return Entry(key, bytes(value or b""), create_revision, mod_revision, version, expire_at_ms)
+
+
+def _range_query(keys: KeyRange) -> tuple[str, list[Any]]:
+    if keys.end is None:
+        return f"SELECT {_ENTRY_COLUMNS} FROM kv WHERE key >= ?", [keys.start]
+    return f"SELECT {_ENTRY_COLUMNS} FROM kv WHERE key >= ? AND key < ?", [keys.start, keys.end]
+
+
+def _snapshot_query(
+    keys: KeyRange, revision: int, after: str | None, limit: int | None, *, keys_only: bool
+) -> tuple[str, list[Any]]:
+    """The entries of a range as of `revision`: a key changed since then shows its state from
+    before its first later change (kept with that event); any other key shows its current row."""
+    lower = after if after is not None and after >= keys.start else keys.start
+    lower_op = ">" if after is not None and after >= keys.start else ">="
+    bounds = f"key {lower_op} ?" + (" AND key < ?" if keys.end is not None else "")
+    bound_args: list[Any] = [lower] + ([keys.end] if keys.end is not None else [])
+    limit_clause = "LIMIT ?" if limit is not None else ""
+    value = "NULL" if keys_only else "kv.value"
+    prev_value = "NULL" if keys_only else "e.prev_value"
+    sql = f"""
+        WITH candidates(key) AS (
+            SELECT key FROM kv WHERE {bounds}
+            UNION
+            SELECT key FROM kv_events WHERE revision > ? AND {bounds}
+            ORDER BY key {limit_clause}
+        )
+        SELECT c.key,
+               {value} AS cur_value, kv.create_revision AS cur_create, kv.mod_revision, kv.version,
+               kv.expire_at_ms AS cur_expire,
+               e.revision AS changed,
+               {prev_value}, e.prev_create_revision AS prev_create, e.prev_mod_revision, e.prev_version,
+               e.prev_expire_at_ms AS prev_expire,
+               (SELECT value FROM kv_state WHERE name = 'compact_revision') AS compacted
+        FROM candidates c
+        LEFT JOIN kv ON kv.key = c.key
+        LEFT JOIN kv_events e
+          ON e.revision = (SELECT MIN(revision) FROM kv_events WHERE key = c.key AND revision > ?)
+        ORDER BY c.key"""
+    args = [*bound_args, revision, *bound_args, *([limit] if limit is not None else []), revision]
+    return sql, args
+
+
+def _snapshot_entry(row: Sequence[Any]) -> Entry | None:
+    key, value, create, mod, version, expire, changed, p_value, p_create, p_mod, p_version, p_expire, _ = row
+    if changed is None:
+        return Entry(key, bytes(value or b""), create, mod, version, expire) if create is not None else None
+    if p_create is None:
+        return None
+    return Entry(key, bytes(p_value or b""), p_create, p_mod, p_version, p_expire)
+
+
+def _exists_at(columns: Sequence[Any], now_ms: int) -> bool:
+    cur_create, cur_expire, changed, prev_create, prev_expire = columns
+    create, expire = (cur_create, cur_expire) if changed is None else (prev_create, prev_expire)
+    return create is not None and not (expire and expire <= now_ms)
+
+
+def _event(row: Sequence[Any]) -> Event:
+    revision, type_, key, value, create, version, expire, p_value, p_create, p_mod, p_version, p_expire = row
+    event_type = EventType(type_)
+    entry = Entry(key, bytes(value or b""), create, revision, version, expire) if event_type is EventType.PUT else None
+    prev = Entry(key, bytes(p_value or b""), p_create, p_mod, p_version, p_expire) if p_create is not None else None
+    return Event(event_type, revision, key, entry, prev)
+
+
+def _plan_statements(plan: BatchPlan, now_ms: int) -> list[tuple[str, list[Any]]]:
+    """The SQL that persists a planned batch (inside the caller's transaction)."""
+    statements: list[tuple[str, list[Any]]] = []
+    for start in range(0, len(plan.events), _ROWS_PER_INSERT // 13):
+        chunk = plan.events[start : start + _ROWS_PER_INSERT // 13]
+        rows = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
+        args: list[Any] = []
+        for event in chunk:
+            new, old = event.entry, event.prev
+            args += [event.revision, int(event.type), event.key, now_ms]
+            args += [new.value, new.create_revision, new.version, new.expire_at_ms] if new else [None] * 4
+            args += (
+                [old.value, old.create_revision, old.mod_revision, old.version, old.expire_at_ms]
+                if old
+                else [None] * 5
+            )
+        statements.append((f"INSERT INTO kv_events VALUES {rows}", args))
+    upserts, deletes = plan.final_rows()
+    upsert_rows = list(upserts.values())
+    for start in range(0, len(upsert_rows), _ROWS_PER_INSERT // 6):
+        chunk = upsert_rows[start : start + _ROWS_PER_INSERT // 6]
+        rows = ",".join(["(?,?,?,?,?,?)"] * len(chunk))
+        args = [
+            value
+            for entry in chunk
+            for value in (
+                entry.key,
+                entry.value,
+                entry.create_revision,
+                entry.mod_revision,
+                entry.version,
+                entry.expire_at_ms,
+            )
+        ]
+        statements.append(
+            (
+                f"INSERT INTO kv ({_ENTRY_COLUMNS}) VALUES {rows} ON CONFLICT(key) DO UPDATE SET "
+                "value = excluded.value, create_revision = excluded.create_revision, "
+                "mod_revision = excluded.mod_revision, version = excluded.version, "
+                "expire_at_ms = excluded.expire_at_ms",
+                args,
+            )
+        )
+    deleted_keys = sorted(deletes)
+    for start in range(0, len(deleted_keys), _ROWS_PER_INSERT):
+        chunk = deleted_keys[start : start + _ROWS_PER_INSERT]
+        statements.append((f"DELETE FROM kv WHERE key IN ({','.join('?' * len(chunk))})", chunk))
+    if plan.events:
+        statements.append(("UPDATE kv_state SET value = ? WHERE name = 'revision'", [plan.revision]))
+    if plan.compact_revision is not None:
+        statements.append(("DELETE FROM kv_events WHERE revision <= ?", [plan.compact_revision]))
+        statements.append(
+            (
+                "UPDATE kv_state SET value = MAX(value, ?) WHERE name = 'compact_revision'",
+                [plan.compact_revision],
+            )
+        )
+    return statements
