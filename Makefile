@@ -33,12 +33,15 @@ generate: $(STAMP) ## Regenerate the Python stubs from proto/ (pinned protoc and
 check-generated: $(STAMP) ## Fail if the generated code is not what `make generate` writes
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) scripts/generate.py --check
 
+# buf breaking builds the baseline like proto/, with the local google/api module (see buf.yaml).
+BUF_BASELINE := {"version":"v2","modules":[{"path":"proto-baseline"},{"path":"build/googleapis"}]}
+
 lint: $(STAMP) ## ruff, layering contracts, buf lint and buf breaking
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/buf lint
-	$(BIN)/buf breaking --against proto-baseline
+	VENV=$(VENV) scripts/buf.sh lint
+	VENV=$(VENV) scripts/buf.sh breaking proto --against proto-baseline --against-config '$(BUF_BASELINE)'
 
 typecheck: $(STAMP) ## mypy --strict over the server, the client and the tests
 	$(BIN)/mypy

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from kvtest import STORE_CONFIGS, ServerProcess, server_config
 
 from kvserver.server import RunningServer, start
+from kvtest import STORE_CONFIGS, ServerProcess, server_config
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from kvtest import ServerProcess
 
 from kv.v1 import kv_pb2, kv_pb2_grpc
+from kvtest import ServerProcess
 
 WRITERS = 16
 KILL_AFTER_S = 1.0

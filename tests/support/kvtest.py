@@ -93,7 +93,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
-STORE_CONFIGS = {
+STORE_CONFIGS: dict[str, dict[str, object]] = {
     "memory": {"store": "memory"},
     "sqlite": {"store": "sqlite", "cache_capacity": 0},
     "sqlite+cache": {"store": "sqlite", "cache_capacity": 1000},

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvserver.config import Config, HistoryRetention, Limits, WatchSettings
@@ -47,8 +47,12 @@ SETTINGS = [
         "keys in the LRU read cache of the sqlite store (0 disables it)",
     ),
     Setting(("--max-key-bytes",), "KV_MAX_KEY_BYTES", ("limits", "max_key_bytes"), int, "largest key"),
-    Setting(("--max-value-bytes",), "KV_MAX_VALUE_BYTES", ("limits", "max_value_bytes"), int, "largest value"),
-    Setting(("--default-page-size",), "KV_DEFAULT_PAGE_SIZE", ("limits", "default_page_size"), int, "List default"),
+    Setting(
+        ("--max-value-bytes",), "KV_MAX_VALUE_BYTES", ("limits", "max_value_bytes"), int, "largest value"
+    ),
+    Setting(
+        ("--default-page-size",), "KV_DEFAULT_PAGE_SIZE", ("limits", "default_page_size"), int, "List default"
+    ),
     Setting(("--max-page-size",), "KV_MAX_PAGE_SIZE", ("limits", "max_page_size"), int, "List maximum"),
     Setting(
         ("--history-max-events",),
@@ -78,9 +82,18 @@ SETTINGS = [
         int,
         "pending events after which a slow watch stream is ended",
     ),
-    Setting(("--shutdown-grace",), "KV_SHUTDOWN_GRACE", ("shutdown_grace_s",), float, "seconds to drain on stop"),
+    Setting(
+        ("--shutdown-grace",), "KV_SHUTDOWN_GRACE", ("shutdown_grace_s",), float, "seconds to drain on stop"
+    ),
     Setting(("--log-format",), "KV_LOG_FORMAT", ("log_format",), str, "log line format", ("text", "json")),
-    Setting(("--log-level",), "KV_LOG_LEVEL", ("log_level",), str, "log level", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting(
+        ("--log-level",),
+        "KV_LOG_LEVEL",
+        ("log_level",),
+        str,
+        "log level",
+        ("DEBUG", "INFO", "WARNING", "ERROR"),
+    ),
     Setting(
         ("--page-token-secret",),
         "KV_PAGE_TOKEN_SECRET",
@@ -150,8 +163,10 @@ def _from_document(document: dict[str, Any]) -> dict[tuple[str, ...], Any]:
     known = {setting.path: setting for setting in SETTINGS}
     values: dict[tuple[str, ...], Any] = {}
     for key, value in document.items():
-        items = [((key, sub), sub_value) for sub, sub_value in value.items()] if isinstance(value, dict) else []
-        for path, item in items or [((key,), value)]:
+        items: list[tuple[tuple[str, ...], Any]] = [((key,), value)]
+        if isinstance(value, dict):
+            items = [((key, sub), sub_value) for sub, sub_value in value.items()]
+        for path, item in items:
             if path not in known:
                 raise SystemExit(f"kv-server: unknown setting {'.'.join(path)!r} in the config file")
             values[path] = _parse(known[path], str(item))
@@ -160,11 +175,9 @@ def _from_document(document: dict[str, Any]) -> dict[tuple[str, ...], Any]:
 
 def _apply(config: Config, values: dict[tuple[str, ...], Any]) -> Config:
     top = {path[0]: value for path, value in values.items() if len(path) == 1}
-    for section, section_type in _SECTIONS.items():
+    for section in _SECTIONS:
         nested = {path[1]: value for path, value in values.items() if len(path) == 2 and path[0] == section}
         if nested:
-            names = {field.name for field in fields(section_type)}
-            assert set(nested) <= names
             top[section] = replace(getattr(config, section), **nested)
     return replace(config, **top)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 NO_EXPIRY = 0
 """The `expire_at_ms` of a key that never expires."""
@@ -193,6 +194,14 @@ class CompactResult:
 
 
 WriteResult = PutResult | DeleteResult | ExpireResult | CompactResult
+R = TypeVar("R", PutResult, DeleteResult, ExpireResult, CompactResult)
+
+
+def expect(result: WriteResult, kind: type[R]) -> R:
+    """Narrow the result of a write to the kind its operation produces."""
+    if not isinstance(result, kind):
+        raise TypeError(f"expected {kind.__name__}, got {type(result).__name__}")
+    return result
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,7 +95,9 @@ async def start(config: Config) -> RunningServer:
     health_task = asyncio.create_task(_track_health(store, health_servicer), name="health")
     log.info("listening on %s:%d (store=%s, version=%s)", config.host, port, store.name, __version__)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s without TLS: anyone who can reach this port can read and write", config.host)
+        log.warning(
+            "listening on %s without TLS: anyone who can reach this port can read and write", config.host
+        )
     return RunningServer(config, port, store, server, health_servicer, hub, maintenance, health_task)
 
 
@@ -106,12 +108,16 @@ async def _track_health(store: Store, servicer: health.aio.HealthServicer) -> No
         try:
             await store.check()
             healthy = True
-        except Exception as error:  # noqa: BLE001 - any failure means not serving
+        except Exception as error:
             healthy = False
             if serving is not False:
                 log.error("store health check failed: %s", error)
         if healthy != serving:
-            status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if healthy
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             for name in ("", SERVICE_NAME):
                 await servicer.set(name, status)
             serving = healthy

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
-from kvtest import STORE_CONFIGS, server_config
 
 from kvserver.domain import (
     Compacted,
@@ -29,6 +28,7 @@ from kvserver.domain import (
 )
 from kvserver.server import open_store
 from kvserver.store.base import Store
+from kvtest import STORE_CONFIGS, server_config
 
 EVERYTHING = KeyRange("", None)
 
@@ -59,7 +59,9 @@ async def get(store: Store, key: str) -> Entry | None:
 
 
 async def keys_at(store: Store, revision: int, keys: KeyRange = EVERYTHING) -> list[str]:
-    page = await store.range(keys, revision=revision, after=None, limit=1000, keys_only=True, now_ms=wall_clock_ms())
+    page = await store.range(
+        keys, revision=revision, after=None, limit=1000, keys_only=True, now_ms=wall_clock_ms()
+    )
     return [entry.key for entry in page.entries]
 
 
@@ -169,7 +171,12 @@ async def test_range_pages_with_after_and_limit(store: Store) -> None:
     after = None
     for _ in range(10):
         page = await store.range(
-            EVERYTHING, revision=store.revision, after=after, limit=10, keys_only=False, now_ms=wall_clock_ms()
+            EVERYTHING,
+            revision=store.revision,
+            after=after,
+            limit=10,
+            keys_only=False,
+            now_ms=wall_clock_ms(),
         )
         seen += [entry.key for entry in page.entries]
         assert all(entry.value == b"x" for entry in page.entries)
@@ -187,7 +194,9 @@ async def test_range_reads_an_older_revision_while_writes_go_on(store: Store) ->
     await put(store, "a", b"a2")
     await delete(store, "b")
     await put(store, "bb", b"new")
-    page = await store.range(EVERYTHING, revision=snapshot, after=None, limit=10, keys_only=False, now_ms=wall_clock_ms())
+    page = await store.range(
+        EVERYTHING, revision=snapshot, after=None, limit=10, keys_only=False, now_ms=wall_clock_ms()
+    )
     assert [(entry.key, entry.value) for entry in page.entries] == [("a", b"a1"), ("b", b"b1"), ("c", b"c1")]
     assert await store.count(EVERYTHING, revision=snapshot, now_ms=wall_clock_ms()) == 3
     assert await store.count(EVERYTHING, revision=store.revision, now_ms=wall_clock_ms()) == 3
@@ -219,9 +228,13 @@ async def test_compaction_discards_history(store: Store) -> None:
     assert store.compact_revision == 3
     with pytest.raises(Compacted):
         await store.events(EVERYTHING, start_revision=3, end_revision=5, limit=10)
-    assert [event.revision for event in await store.events(EVERYTHING, start_revision=4, end_revision=5, limit=10)] == [4, 5]
+    assert [
+        event.revision for event in await store.events(EVERYTHING, start_revision=4, end_revision=5, limit=10)
+    ] == [4, 5]
     with pytest.raises(Compacted):
-        await store.range(EVERYTHING, revision=2, after=None, limit=10, keys_only=True, now_ms=wall_clock_ms())
+        await store.range(
+            EVERYTHING, revision=2, after=None, limit=10, keys_only=True, now_ms=wall_clock_ms()
+        )
 
 
 async def test_expired_keys_are_invisible_and_reaped_with_expire_events(store: Store) -> None:

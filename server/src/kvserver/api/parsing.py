@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 M = TypeVar("M", bound=Message)
@@ -36,7 +36,7 @@ def parser(message_type: type[M]) -> Callable[[bytes], M | Malformed]:
     return parse
 
 
-def _field_with_bad_utf8(descriptor: Descriptor, data: bytes) -> str | None:
+def _field_with_bad_utf8(descriptor: Any, data: bytes) -> str | None:
     """The name of a top-level string field whose bytes are not UTF-8, found by walking the wire
     format (only length-delimited fields can hold strings)."""
     position = 0

@@ -21,6 +21,7 @@ from kvserver.domain import (
     PutOp,
     PutResult,
     StoreStats,
+    expect,
     wall_clock_ms,
 )
 from kvserver.service.pagination import Cursor, PageTokens, fingerprint
@@ -69,7 +70,9 @@ class KvService:
             raise KeyNotFound(key)
         return revision, entry
 
-    async def put(self, key: str, value: bytes, *, ttl_ms: int = 0, conditions: Conditions = Conditions()) -> PutResult:
+    async def put(
+        self, key: str, value: bytes, *, ttl_ms: int = 0, conditions: Conditions = Conditions()
+    ) -> PutResult:
         self.check_key(key)
         if len(value) > self.limits.max_value_bytes:
             raise InvalidArgument(
@@ -79,9 +82,7 @@ class KvService:
             raise InvalidArgument("ttl_ms", "must not be negative")
         condition = _condition(conditions)
         expire_at = wall_clock_ms() + ttl_ms if ttl_ms else NO_EXPIRY
-        result = await self.store.write(PutOp(key, value, expire_at, condition))
-        assert isinstance(result, PutResult)
-        return result
+        return expect(await self.store.write(PutOp(key, value, expire_at, condition)), PutResult)
 
     async def delete(
         self,
@@ -99,9 +100,8 @@ class KvService:
             self.check_key(key)
         if conditions.if_absent or conditions.if_present:
             raise InvalidArgument("conditions", "Delete accepts only if_mod_revision and if_version")
-        result = await self.store.write(DeleteOp(key, prefix, allow_missing, _condition(conditions)))
-        assert isinstance(result, DeleteResult)
-        return result
+        op = DeleteOp(key, prefix, allow_missing, _condition(conditions))
+        return expect(await self.store.write(op), DeleteResult)
 
     async def list(self, query: ListQuery) -> ListPage:
         keys = self._list_range(query)
@@ -131,12 +131,18 @@ class KvService:
             raise InvalidArgument(field_name, "must not be empty")
         size = len(key.encode())
         if size > self.limits.max_key_bytes:
-            raise InvalidArgument(field_name, f"{size} bytes is over the limit of {self.limits.max_key_bytes} bytes")
+            raise InvalidArgument(
+                field_name, f"{size} bytes is over the limit of {self.limits.max_key_bytes} bytes"
+            )
 
     def _list_range(self, query: ListQuery) -> KeyRange:
         if query.prefix and (query.start_key or query.end_key):
             raise InvalidArgument("prefix", "cannot be combined with start_key or end_key")
-        for name, key in (("prefix", query.prefix), ("start_key", query.start_key), ("end_key", query.end_key)):
+        for name, key in (
+            ("prefix", query.prefix),
+            ("start_key", query.start_key),
+            ("end_key", query.end_key),
+        ):
             self.check_key(key, field_name=name, allow_empty=True)
         if query.prefix:
             return KeyRange.prefix(query.prefix)
@@ -148,7 +154,9 @@ class KvService:
         if requested < 0:
             raise InvalidArgument("page_size", "must not be negative")
         if requested > self.limits.max_page_size:
-            raise InvalidArgument("page_size", f"{requested} is over the maximum of {self.limits.max_page_size}")
+            raise InvalidArgument(
+                "page_size", f"{requested} is over the maximum of {self.limits.max_page_size}"
+            )
         return requested or self.limits.default_page_size
 
     def _within_response_budget(self, entries: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], bool]:
@@ -166,7 +174,9 @@ def _condition(conditions: Conditions) -> Condition:
         raise InvalidArgument("if_mod_revision", "must not be negative")
     if conditions.if_version < 0:
         raise InvalidArgument("if_version", "must not be negative")
-    if conditions.if_absent and (conditions.if_present or conditions.if_mod_revision or conditions.if_version):
+    if conditions.if_absent and (
+        conditions.if_present or conditions.if_mod_revision or conditions.if_version
+    ):
         raise InvalidArgument("if_absent", "contradicts if_present, if_mod_revision and if_version")
     return Condition(
         must_exist=conditions.if_present,

@@ -7,7 +7,7 @@ import contextlib
 import logging
 
 from kvserver.config import HistoryRetention
-from kvserver.domain import CompactOp, ExpireOp, ExpireResult, KvError, wall_clock_ms
+from kvserver.domain import CompactOp, ExpireOp, ExpireResult, KvError, expect, wall_clock_ms
 from kvserver.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ class Maintenance:
         """Expire the keys whose deadline has passed; returns how many."""
         expired = 0
         while True:
-            result = await self._store.write(ExpireOp(wall_clock_ms(), _EXPIRE_BATCH))
-            assert isinstance(result, ExpireResult)
+            result = expect(await self._store.write(ExpireOp(wall_clock_ms(), _EXPIRE_BATCH)), ExpireResult)
             expired += result.expired
             if result.expired < _EXPIRE_BATCH:
                 return expired

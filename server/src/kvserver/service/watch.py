@@ -138,7 +138,9 @@ class WatchHub:
                 yield message
                 if message.cancel:
                     return
-            interval = max(spec.progress_interval_ms or self._settings.progress_interval_ms, _MIN_PROGRESS_INTERVAL_MS)
+            interval = max(
+                spec.progress_interval_ms or self._settings.progress_interval_ms, _MIN_PROGRESS_INTERVAL_MS
+            )
             async for message in self._live(watcher, delivered, interval / 1000):
                 yield message
         finally:
@@ -149,7 +151,12 @@ class WatchHub:
         while True:
             try:
                 page = await self._store.range(
-                    keys, revision=revision, after=after, limit=_REPLAY_CHUNK, keys_only=False, now_ms=wall_clock_ms()
+                    keys,
+                    revision=revision,
+                    after=after,
+                    limit=_REPLAY_CHUNK,
+                    keys_only=False,
+                    now_ms=wall_clock_ms(),
                 )
             except Compacted as error:
                 yield self._cancel(CancelReason.COMPACTED, revision + 1, str(error))
@@ -162,7 +169,9 @@ class WatchHub:
     async def _replay(self, keys: KeyRange, start: int, end: int) -> AsyncIterator[WatchMessage]:
         while start <= end:
             try:
-                events = await self._store.events(keys, start_revision=start, end_revision=end, limit=_REPLAY_CHUNK)
+                events = await self._store.events(
+                    keys, start_revision=start, end_revision=end, limit=_REPLAY_CHUNK
+                )
             except Compacted as error:
                 yield self._cancel(CancelReason.COMPACTED, start, str(error))
                 return
@@ -171,7 +180,9 @@ class WatchHub:
             yield WatchMessage(events[-1].revision, events=events)
             start = events[-1].revision + 1
 
-    async def _live(self, watcher: _Watcher, delivered: int, interval_s: float) -> AsyncIterator[WatchMessage]:
+    async def _live(
+        self, watcher: _Watcher, delivered: int, interval_s: float
+    ) -> AsyncIterator[WatchMessage]:
         while True:
             if not watcher.pending and not watcher.overflowed and not watcher.closing:
                 watcher.wake.clear()
@@ -205,7 +216,9 @@ class WatchHub:
             if event.revision <= delivered:
                 continue
             event_size = len(event.key) + (len(event.entry.value) if event.entry else 0)
-            if taken and (len(taken) >= _MAX_EVENTS_PER_MESSAGE or size + event_size > self._limits.max_response_bytes):
+            if taken and (
+                len(taken) >= _MAX_EVENTS_PER_MESSAGE or size + event_size > self._limits.max_response_bytes
+            ):
                 break
             taken.append(event)
             size += event_size

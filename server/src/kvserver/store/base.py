@@ -53,7 +53,9 @@ class Store(Protocol):
     async def count(self, keys: KeyRange, *, revision: int, now_ms: int) -> int:
         """The number of keys of `keys` that exist at `revision`."""
 
-    async def events(self, keys: KeyRange, *, start_revision: int, end_revision: int, limit: int) -> list[Event]:
+    async def events(
+        self, keys: KeyRange, *, start_revision: int, end_revision: int, limit: int
+    ) -> list[Event]:
         """Up to `limit` events of `keys` with start_revision <= revision <= end_revision.
 
         Raises Compacted if the history starting at `start_revision` is no longer retained.

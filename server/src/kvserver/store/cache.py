@@ -24,7 +24,7 @@ class CachedStore:
     def __init__(self, store: Store, capacity: int) -> None:
         self._store = store
         self._capacity = capacity
-        self._entries: OrderedDict[str, Entry | None | _Loading] = OrderedDict()
+        self._entries: OrderedDict[str, Entry | _Loading | None] = OrderedDict()
         self.name = store.name
         self.hits = 0
         self.misses = 0
@@ -91,8 +91,12 @@ class CachedStore:
     async def count(self, keys: KeyRange, *, revision: int, now_ms: int) -> int:
         return await self._store.count(keys, revision=revision, now_ms=now_ms)
 
-    async def events(self, keys: KeyRange, *, start_revision: int, end_revision: int, limit: int) -> list[Event]:
-        return await self._store.events(keys, start_revision=start_revision, end_revision=end_revision, limit=limit)
+    async def events(
+        self, keys: KeyRange, *, start_revision: int, end_revision: int, limit: int
+    ) -> list[Event]:
+        return await self._store.events(
+            keys, start_revision=start_revision, end_revision=end_revision, limit=limit
+        )
 
     async def revision_at(self, time_ms: int) -> int:
         return await self._store.revision_at(time_ms)

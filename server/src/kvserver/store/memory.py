@@ -53,7 +53,8 @@ class MemoryStore:
 
     # The state view the planner reads.
     def lookup(self, key: str) -> Entry | None:
-        return self._entries.get(key)
+        entry: Entry | None = self._entries.get(key)
+        return entry
 
     def scan(self, keys: KeyRange) -> Iterable[Entry]:
         return [self._entries[key] for key in self._irange(keys, after=None)]
@@ -154,7 +155,9 @@ class MemoryStore:
     async def count(self, keys: KeyRange, *, revision: int, now_ms: int) -> int:
         return sum(1 for entry in self._state_at(keys, revision, None) if not entry.expired(now_ms))
 
-    async def events(self, keys: KeyRange, *, start_revision: int, end_revision: int, limit: int) -> list[Event]:
+    async def events(
+        self, keys: KeyRange, *, start_revision: int, end_revision: int, limit: int
+    ) -> list[Event]:
         if start_revision <= self._compact_revision:
             raise Compacted(start_revision, self._compact_revision)
         selected = (

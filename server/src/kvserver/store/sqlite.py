@@ -20,6 +20,7 @@ queued to the worker and their rows come back through a future.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import weakref
@@ -31,11 +32,11 @@ from sqlitedict import SqliteDict
 
 from kvserver.domain import (
     Compacted,
+    DeleteOp,
     Entry,
     Event,
     EventType,
     ExpireOp,
-    DeleteOp,
     FutureRevision,
     KeyRange,
     KvError,
@@ -111,10 +112,8 @@ class _Rows:
             return
         with self._connection._lock:
             error, self._connection.exception = self._connection.exception, None
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
             self._loop.call_soon_threadsafe(self._finish, error)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
 
     def _finish(self, error: tuple[Any, ...] | None) -> None:
         if self.future.done():
@@ -140,6 +139,12 @@ class _Connection:
             outer_stack=False,
         )
         self._worker = self._dict.conn
+
+    @classmethod
+    def create(cls, path: str) -> _Connection:
+        """Open the writer connection, creating the file and its directory if needed."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return cls(path, read_only=False)
 
     def submit(self, sql: str, args: Sequence[Any] = ()) -> asyncio.Future[list[tuple[Any, ...]]]:
         rows = _Rows(asyncio.get_running_loop(), self._worker)
@@ -209,11 +214,11 @@ class SqliteStore:
         return store
 
     async def _open(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self._path))
-        os.makedirs(directory, exist_ok=True)
-        self._writer = await asyncio.to_thread(_Connection, self._path, read_only=False)
+        self._writer = await asyncio.to_thread(_Connection.create, self._path)
         await self._writer.query(f"PRAGMA synchronous={self._sync.upper()}")
-        tables = {row[0] for row in await self._writer.query("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = {
+            row[0] for row in await self._writer.query("SELECT name FROM sqlite_master WHERE type='table'")
+        }
         if "kv_state" not in tables:
             await self._migrate()
         state = dict(await self._writer.query("SELECT name, value FROM kv_state"))
@@ -256,8 +261,8 @@ class SqliteStore:
 
     async def get(self, key: str, now_ms: int) -> tuple[int, Entry | None]:
         rows = await self._require(self._reader).query(
-            "SELECT s.value, kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.expire_at_ms "
-            "FROM kv_state s LEFT JOIN kv ON kv.key = ? "
+            "SELECT s.value, kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, "
+            "kv.expire_at_ms FROM kv_state s LEFT JOIN kv ON kv.key = ? "
             "WHERE s.name = 'revision'",
             (key,),
         )
@@ -294,7 +299,8 @@ class SqliteStore:
     async def count(self, keys: KeyRange, *, revision: int, now_ms: int) -> int:
         sql, args = _snapshot_query(keys, revision, None, None, keys_only=True)
         rows = await self._require(self._reader).query(
-            f"SELECT key, cur_create, cur_expire, changed, prev_create, prev_expire, compacted FROM ({sql})", args
+            f"SELECT key, cur_create, cur_expire, changed, prev_create, prev_expire, compacted FROM ({sql})",
+            args,
         )
         self._check_snapshot(rows, revision)
         return sum(1 for row in rows if _exists_at(row[1:6], now_ms))
@@ -314,7 +320,9 @@ class SqliteStore:
         if revision < compact_revision:
             raise Compacted(revision, compact_revision)
 
-    async def events(self, keys: KeyRange, *, start_revision: int, end_revision: int, limit: int) -> list[Event]:
+    async def events(
+        self, keys: KeyRange, *, start_revision: int, end_revision: int, limit: int
+    ) -> list[Event]:
         end_clause, end_args = ("AND key < ?", [keys.end]) if keys.end is not None else ("", [])
         rows = await self._require(self._reader).query(
             f"""SELECT (SELECT value FROM kv_state WHERE name = 'compact_revision'), revision, type, key,
@@ -337,7 +345,9 @@ class SqliteStore:
         return int(rows[0][0] or self._compact_revision)
 
     async def next_expiry(self) -> int | None:
-        rows = await self._require(self._reader).query("SELECT MIN(expire_at_ms) FROM kv WHERE expire_at_ms > 0")
+        rows = await self._require(self._reader).query(
+            "SELECT MIN(expire_at_ms) FROM kv WHERE expire_at_ms > 0"
+        )
         return int(rows[0][0]) if rows[0][0] is not None else None
 
     async def stats(self) -> StoreStats:
@@ -349,7 +359,11 @@ class SqliteStore:
             self._revision,
             self._compact_revision,
             int(rows[0][0]),
-            {"file_bytes": int(page_rows[0][0]), "batches": self.batches, "batched_writes": self.batched_writes},
+            {
+                "file_bytes": int(page_rows[0][0]),
+                "batches": self.batches,
+                "batched_writes": self.batched_writes,
+            },
         )
 
     async def check(self) -> None:
@@ -424,7 +438,9 @@ class SqliteStore:
         for start in range(0, len(keys), _ROWS_PER_INSERT):
             chunk = keys[start : start + _ROWS_PER_INSERT]
             placeholders = ",".join("?" * len(chunk))
-            queries.append(writer.submit(f"SELECT {_ENTRY_COLUMNS} FROM kv WHERE key IN ({placeholders})", chunk))
+            queries.append(
+                writer.submit(f"SELECT {_ENTRY_COLUMNS} FROM kv WHERE key IN ({placeholders})", chunk)
+            )
         prefixes = [KeyRange.prefix(op.key) for op in ops if isinstance(op, DeleteOp) and op.prefix]
         range_queries = [writer.submit(*_range_query(keys_range)) for keys_range in prefixes]
         expire_limit = sum(op.limit for op in ops if isinstance(op, ExpireOp))
@@ -466,10 +482,8 @@ def _is_prefix(op: WriteOp) -> bool:
 
 
 async def _rollback(writer: _Connection) -> None:
-    try:
+    with contextlib.suppress(StorageFailure):  # there was no transaction left to roll back
         await writer.query("ROLLBACK")
-    except StorageFailure:  # there was no transaction left to roll back
-        pass
 
 
 def _entry(row: Sequence[Any]) -> Entry:
@@ -536,8 +550,16 @@ def _exists_at(columns: Sequence[Any], now_ms: int) -> bool:
 def _event(row: Sequence[Any]) -> Event:
     revision, type_, key, value, create, version, expire, p_value, p_create, p_mod, p_version, p_expire = row
     event_type = EventType(type_)
-    entry = Entry(key, bytes(value or b""), create, revision, version, expire) if event_type is EventType.PUT else None
-    prev = Entry(key, bytes(p_value or b""), p_create, p_mod, p_version, p_expire) if p_create is not None else None
+    entry = (
+        Entry(key, bytes(value or b""), create, revision, version, expire)
+        if event_type is EventType.PUT
+        else None
+    )
+    prev = (
+        Entry(key, bytes(p_value or b""), p_create, p_mod, p_version, p_expire)
+        if p_create is not None
+        else None
+    )
     return Event(event_type, revision, key, entry, prev)
 
 
@@ -545,10 +567,10 @@ def _plan_statements(plan: BatchPlan, now_ms: int) -> list[tuple[str, list[Any]]
     """The SQL that persists a planned batch (inside the caller's transaction)."""
     statements: list[tuple[str, list[Any]]] = []
     for start in range(0, len(plan.events), _ROWS_PER_INSERT // 13):
-        chunk = plan.events[start : start + _ROWS_PER_INSERT // 13]
-        rows = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
+        events = plan.events[start : start + _ROWS_PER_INSERT // 13]
+        rows = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * len(events))
         args: list[Any] = []
-        for event in chunk:
+        for event in events:
             new, old = event.entry, event.prev
             args += [event.revision, int(event.type), event.key, now_ms]
             args += [new.value, new.create_revision, new.version, new.expire_at_ms] if new else [None] * 4
@@ -561,11 +583,11 @@ def _plan_statements(plan: BatchPlan, now_ms: int) -> list[tuple[str, list[Any]]
     upserts, deletes = plan.final_rows()
     upsert_rows = list(upserts.values())
     for start in range(0, len(upsert_rows), _ROWS_PER_INSERT // 6):
-        chunk = upsert_rows[start : start + _ROWS_PER_INSERT // 6]
-        rows = ",".join(["(?,?,?,?,?,?)"] * len(chunk))
+        entries = upsert_rows[start : start + _ROWS_PER_INSERT // 6]
+        rows = ",".join(["(?,?,?,?,?,?)"] * len(entries))
         args = [
             value
-            for entry in chunk
+            for entry in entries
             for value in (
                 entry.key,
                 entry.value,
@@ -586,8 +608,8 @@ def _plan_statements(plan: BatchPlan, now_ms: int) -> list[tuple[str, list[Any]]
         )
     deleted_keys = sorted(deletes)
     for start in range(0, len(deleted_keys), _ROWS_PER_INSERT):
-        chunk = deleted_keys[start : start + _ROWS_PER_INSERT]
-        statements.append((f"DELETE FROM kv WHERE key IN ({','.join('?' * len(chunk))})", chunk))
+        keys = deleted_keys[start : start + _ROWS_PER_INSERT]
+        statements.append((f"DELETE FROM kv WHERE key IN ({','.join('?' * len(keys))})", list(keys)))
     if plan.events:
         statements.append(("UPDATE kv_state SET value = ? WHERE name = 'revision'", [plan.revision]))
     if plan.compact_revision is not None:
