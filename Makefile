@@ -56,6 +56,12 @@ test-fast: $(STAMP) ## The test suite without the slow crash and restart tests
 run: $(STAMP) ## Run the server on the embedded SQLite store (./data/kv.db)
 	$(BIN)/kv-server --host $(KV_HOST) --port $(KV_PORT)
 
+BENCH_ARGS ?=
+
+bench: $(STAMP) ## Benchmark kv against etcd 3.4 on this machine (h2load); BENCH_ARGS="--rounds 3"
+	bench/install-deps.sh
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 verify: test ## What CI runs
 
 fix: $(STAMP) ## Apply ruff's fixes and formatting
