@@ -19,6 +19,8 @@ class Limits:
     # A List page or a watch message stops growing past this many bytes of keys and values, so
     # responses stay under gRPC's default 4 MiB message limit of clients.
     max_response_bytes: int = 3 * 1024 * 1024
+    # GET /all and GET /keys return every pair in one response, up to this many keys.
+    max_all_keys: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ class Entry:
     mod_revision: int
     version: int
     expire_at_ms: int = NO_EXPIRY
+    content_type: str = ""
 
     def expired(self, now_ms: int) -> bool:
         return self.expire_at_ms != NO_EXPIRY and self.expire_at_ms <= now_ms
@@ -138,6 +139,7 @@ class PutOp:
     value: bytes
     expire_at_ms: int = NO_EXPIRY
     condition: Condition = ALWAYS
+    content_type: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from kvserver.api.compat import SERVICE_NAME as COMPAT_SERVICE_NAME
+from kvserver.api.compat import CompatServicer
 from kvserver.api.reflection import enable_reflection
 from kvserver.api.servicer import SERVICE_NAME, KeyValueServicer, ServerInfo
 from kvserver.config import Config
@@ -85,10 +87,15 @@ async def start(config: Config) -> RunningServer:
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, [SERVICE_NAME, health.SERVICE_NAME])
+    enable_reflection(server, [SERVICE_NAME, COMPAT_SERVICE_NAME, health.SERVICE_NAME])
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     info = ServerInfo(__version__, f"{config.host}:{port}/{os.getpid()}", wall_clock_ms(), config.watch)
-    server.add_generic_rpc_handlers((KeyValueServicer(kv, hub, info).handler(),))
+    server.add_generic_rpc_handlers(
+        (
+            KeyValueServicer(kv, hub, info).handler(),
+            CompatServicer(kv, config.limits.max_all_keys).handler(),
+        )
+    )
     await server.start()
     maintenance = Maintenance(store, config.history)
     maintenance.start()

@@ -39,6 +39,7 @@ def entry_to_proto(entry: Entry, *, with_value: bool = True) -> kv_pb2.Entry:
             message.value_bytes = entry.value
     if entry.expire_at_ms != NO_EXPIRY:
         message.expire_time.CopyFrom(timestamp_from_ms(entry.expire_at_ms))
+    message.content_type = entry.content_type
     return message
 
 
@@ -66,8 +67,8 @@ def request_value(request: kv_pb2.PutRequest) -> bytes:
     return request.value.encode()
 
 
-def conditions(request: kv_pb2.PutRequest | kv_pb2.DeleteRequest) -> Conditions:
-    if isinstance(request, kv_pb2.PutRequest):
+def conditions(request: kv_pb2.PutRequest | kv_pb2.PutValueRequest | kv_pb2.DeleteRequest) -> Conditions:
+    if not isinstance(request, kv_pb2.DeleteRequest):
         return Conditions(request.if_absent, request.if_present, request.if_mod_revision, request.if_version)
     return Conditions(if_mod_revision=request.if_mod_revision, if_version=request.if_version)
 

@@ -3,37 +3,30 @@ converts the result. Errors become statuses through api.errors, in one place (`_
 
 from __future__ import annotations
 
-import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.api import httpbody_pb2
 
 from kv.v1 import kv_pb2
-from kvserver import domain
 from kvserver.api import convert
-from kvserver.api.errors import status_for
 from kvserver.api.parsing import Malformed, parser
+from kvserver.api.rpc import Context, abort_for, serialize, unary_handler
 from kvserver.config import Limits, WatchSettings
 from kvserver.service.kv import KvService, ListQuery
 from kvserver.service.watch import CancelReason, WatchHub, WatchSpec
 
-log = logging.getLogger(__name__)
-
 SERVICE_NAME = kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name
+CREATED_HEADER = "x-kv-created"
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 _CANCEL_STATUS = {
     CancelReason.COMPACTED: grpc.StatusCode.OUT_OF_RANGE,
     CancelReason.SLOW_CONSUMER: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CancelReason.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
 }
-
-Req = TypeVar("Req", bound=Message)
-Resp = TypeVar("Resp", bound=Message)
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,42 +35,6 @@ class ServerInfo:
     server_id: str
     started_ms: int
     watch: WatchSettings
-
-
-def request_id(context: Context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id":
-            return str(value)[:64]
-    return uuid.uuid4().hex[:16]
-
-
-async def _abort_for(error: Exception, context: Context, method: str) -> None:
-    if isinstance(error, domain.KvError):
-        code = status_for(error)
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-            log.error("%s failed (request %s): %s", method, request_id(context), error)
-        await context.abort(code, str(error))
-    reference = request_id(context)
-    log.exception("%s failed unexpectedly (request %s)", method, reference, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {reference})")
-
-
-def _guarded(
-    method: str, behaviour: Callable[[Req, Context], Awaitable[Resp]]
-) -> Callable[[Req | Malformed, Context], Awaitable[Resp]]:
-    async def handle(request: Req | Malformed, context: Context) -> Resp:
-        if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            raise AssertionError("abort raises")
-        try:
-            return await behaviour(request, context)
-        except Exception as error:
-            if isinstance(error, grpc.aio.AbortError):
-                raise
-            await _abort_for(error, context, method)
-            raise
-
-    return handle
 
 
 class KeyValueServicer:
@@ -90,12 +47,19 @@ class KeyValueServicer:
         revision, entry = await self._kv.get(request.key)
         return kv_pb2.GetResponse(header=convert.header(revision), entry=convert.entry_to_proto(entry))
 
+    async def get_value(self, request: kv_pb2.GetValueRequest, context: Context) -> httpbody_pb2.HttpBody:
+        _, entry = await self._kv.get(request.key)
+        return httpbody_pb2.HttpBody(
+            content_type=entry.content_type or DEFAULT_CONTENT_TYPE, data=entry.value
+        )
+
     async def put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
         result = await self._kv.put(
             request.key,
             convert.request_value(request),
             ttl_ms=request.ttl_ms,
             conditions=convert.conditions(request),
+            content_type=request.content_type,
         )
         response = kv_pb2.PutResponse(
             header=convert.header(result.revision),
@@ -104,9 +68,23 @@ class KeyValueServicer:
         )
         if request.return_previous and result.prev is not None:
             response.prev_entry.CopyFrom(convert.entry_to_proto(result.prev))
-        # Lets the REST gateway answer 201 Created for a new key.
-        await context.send_initial_metadata((("x-kv-created", "true" if result.created else "false"),))
+        await announce_created(context, result.created)
         return response
+
+    async def put_value(self, request: kv_pb2.PutValueRequest, context: Context) -> kv_pb2.PutValueResponse:
+        result = await self._kv.put(
+            request.key,
+            request.body.data,
+            ttl_ms=request.ttl_ms,
+            conditions=convert.conditions(request),
+            content_type=request.body.content_type,
+        )
+        await announce_created(context, result.created)
+        return kv_pb2.PutValueResponse(
+            header=convert.header(result.revision),
+            created=result.created,
+            entry=convert.entry_to_proto(result.entry, with_value=False),
+        )
 
     async def delete(self, request: kv_pb2.DeleteRequest, context: Context) -> kv_pb2.DeleteResponse:
         result = await self._kv.delete(
@@ -177,35 +155,31 @@ class KeyValueServicer:
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
-            await _abort_for(error, context, "Watch")
+            await abort_for(error, context, "Watch")
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
-        def unary(name: str, behaviour: Any, request_type: type[Message]) -> grpc.RpcMethodHandler[Any, Any]:
-            return grpc.unary_unary_rpc_method_handler(
-                _guarded(name, behaviour),
-                request_deserializer=parser(request_type),
-                response_serializer=_serialize,
-            )
-
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
-                "Get": unary("Get", self.get, kv_pb2.GetRequest),
-                "Put": unary("Put", self.put, kv_pb2.PutRequest),
-                "Delete": unary("Delete", self.delete, kv_pb2.DeleteRequest),
-                "List": unary("List", self.list, kv_pb2.ListRequest),
-                "Status": unary("Status", self.status, kv_pb2.StatusRequest),
+                "Get": unary_handler("Get", self.get, kv_pb2.GetRequest),
+                "GetValue": unary_handler("GetValue", self.get_value, kv_pb2.GetValueRequest),
+                "Put": unary_handler("Put", self.put, kv_pb2.PutRequest),
+                "PutValue": unary_handler("PutValue", self.put_value, kv_pb2.PutValueRequest),
+                "Delete": unary_handler("Delete", self.delete, kv_pb2.DeleteRequest),
+                "List": unary_handler("List", self.list, kv_pb2.ListRequest),
+                "Status": unary_handler("Status", self.status, kv_pb2.StatusRequest),
                 "Watch": grpc.unary_stream_rpc_method_handler(
                     self.watch,
                     request_deserializer=parser(kv_pb2.WatchRequest),
-                    response_serializer=_serialize,
+                    response_serializer=serialize,
                 ),
             },
         )
 
 
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+async def announce_created(context: Context, created: bool) -> None:
+    """Tell the REST gateway, in a response header, to answer 201 Created for a new key."""
+    await context.send_initial_metadata(((CREATED_HEADER, "true" if created else "false"),))
 
 
 def _limits_to_proto(limits: Limits, watch: WatchSettings) -> kv_pb2.Limits:

@@ -27,6 +27,8 @@ from kvserver.domain import (
 from kvserver.service.pagination import Cursor, PageTokens, fingerprint
 from kvserver.store.base import Store
 
+_MAX_CONTENT_TYPE_CHARS = 256
+
 
 @dataclass(frozen=True, slots=True)
 class Conditions:
@@ -71,7 +73,13 @@ class KvService:
         return revision, entry
 
     async def put(
-        self, key: str, value: bytes, *, ttl_ms: int = 0, conditions: Conditions = Conditions()
+        self,
+        key: str,
+        value: bytes,
+        *,
+        ttl_ms: int = 0,
+        conditions: Conditions = Conditions(),
+        content_type: str = "",
     ) -> PutResult:
         self.check_key(key)
         if len(value) > self.limits.max_value_bytes:
@@ -82,7 +90,10 @@ class KvService:
             raise InvalidArgument("ttl_ms", "must not be negative")
         condition = _condition(conditions)
         expire_at = wall_clock_ms() + ttl_ms if ttl_ms else NO_EXPIRY
-        return expect(await self.store.write(PutOp(key, value, expire_at, condition)), PutResult)
+        if len(content_type) > _MAX_CONTENT_TYPE_CHARS:
+            raise InvalidArgument("content_type", f"is longer than {_MAX_CONTENT_TYPE_CHARS} characters")
+        op = PutOp(key, value, expire_at, condition, content_type)
+        return expect(await self.store.write(op), PutResult)
 
     async def delete(
         self,

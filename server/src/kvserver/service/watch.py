@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from kvserver.config import Limits, WatchSettings
 from kvserver.domain import Compacted, Entry, Event, InvalidArgument, KeyRange, wall_clock_ms
@@ -21,6 +22,8 @@ from kvserver.store.base import Store
 _REPLAY_CHUNK = 1000
 _MAX_EVENTS_PER_MESSAGE = 1000
 _MIN_PROGRESS_INTERVAL_MS = 100
+
+T = TypeVar("T")
 
 
 class CancelReason(enum.Enum):
@@ -161,7 +164,10 @@ class WatchHub:
             except Compacted as error:
                 yield self._cancel(CancelReason.COMPACTED, revision + 1, str(error))
                 return
-            yield WatchMessage(revision, initial_entries=page.entries, initial_state_complete=not page.more)
+            chunks = self._within_budget(page.entries, _entry_size) or [()]
+            for index, chunk in enumerate(chunks):
+                complete = not page.more and index == len(chunks) - 1
+                yield WatchMessage(revision, initial_entries=chunk, initial_state_complete=complete)
             if not page.more or not page.entries:
                 return
             after = page.entries[-1].key
@@ -177,7 +183,8 @@ class WatchHub:
                 return
             if not events:
                 return
-            yield WatchMessage(events[-1].revision, events=events)
+            for chunk in self._within_budget(events, _event_size):
+                yield WatchMessage(chunk[-1].revision, events=chunk)
             start = events[-1].revision + 1
 
     async def _live(
@@ -189,7 +196,11 @@ class WatchHub:
                 try:
                     await asyncio.wait_for(watcher.wake.wait(), interval_s)
                 except TimeoutError:
-                    yield WatchMessage(self._store.revision)
+                    # Events may have arrived while the wait was being cancelled: a progress
+                    # message promises that every event up to its revision was delivered.
+                    if not watcher.pending and not watcher.overflowed and not watcher.closing:
+                        delivered = max(delivered, self._store.revision)
+                        yield WatchMessage(self._store.revision)
                     continue
             if watcher.closing:
                 yield self._cancel(CancelReason.SHUTDOWN, delivered + 1, "the server is shutting down")
@@ -203,8 +214,9 @@ class WatchHub:
                 return
             events = self._take(watcher, delivered)
             if events:
-                delivered = events[-1].revision
-                revision = self._store.revision if not watcher.pending else delivered
+                revision = self._store.revision if not watcher.pending else events[-1].revision
+                # The header revision is delivered too: a resume starts after it.
+                delivered = max(events[-1].revision, revision)
                 yield WatchMessage(revision, events=events)
 
     def _take(self, watcher: _Watcher, delivered: int) -> list[Event]:
@@ -215,7 +227,7 @@ class WatchHub:
         for index, event in enumerate(watcher.pending):  # noqa: B007
             if event.revision <= delivered:
                 continue
-            event_size = len(event.key) + (len(event.entry.value) if event.entry else 0)
+            event_size = _event_size(event)
             if taken and (
                 len(taken) >= _MAX_EVENTS_PER_MESSAGE or size + event_size > self._limits.max_response_bytes
             ):
@@ -227,9 +239,44 @@ class WatchHub:
         del watcher.pending[:index]
         return taken
 
+    def _within_budget(self, items: Sequence[T], size_of: Callable[[T], int]) -> list[Sequence[T]]:
+        """`items` cut into consecutive chunks that each fit one message's count and size budget."""
+        chunks: list[Sequence[T]] = []
+        start = size = 0
+        for index, item in enumerate(items):
+            item_size = size_of(item)
+            if index > start and (
+                index - start >= _MAX_EVENTS_PER_MESSAGE or size + item_size > self._limits.max_response_bytes
+            ):
+                chunks.append(items[start:index])
+                start, size = index, 0
+            size += item_size
+        if start < len(items):
+            chunks.append(items[start:])
+        return chunks
+
     def _cancel(self, reason: CancelReason, resume_revision: int, message: str) -> WatchMessage:
-        cancel = WatchCancel(reason, self._store.compact_revision, resume_revision, message)
+        # The store discards the events at or below its compact revision: the oldest revision a
+        # stream can still deliver is the next one.
+        cancel = WatchCancel(reason, self._store.compact_revision + 1, resume_revision, message)
         return WatchMessage(self._store.revision, cancel=cancel)
+
+
+# Bytes of a message besides keys and values, per event or entry (revisions, version, timestamp).
+_ITEM_OVERHEAD = 64
+
+
+def _entry_size(entry: Entry) -> int:
+    return len(entry.key.encode()) + len(entry.value) + _ITEM_OVERHEAD
+
+
+def _event_size(event: Event) -> int:
+    """The bytes an event takes in a message, its previous entry included (sent on request)."""
+    size = len(event.key.encode()) + _ITEM_OVERHEAD
+    for entry in (event.entry, event.prev):
+        if entry is not None:
+            size += _entry_size(entry)
+    return size
 
 
 async def _nothing() -> AsyncIterator[WatchMessage]:

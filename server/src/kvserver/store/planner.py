@@ -133,6 +133,7 @@ class _Planner:
             mod_revision=self.revision,
             version=current.version + 1 if current else 1,
             expire_at_ms=op.expire_at_ms,
+            content_type=op.content_type,
         )
         self.emit(EventType.PUT, op.key, entry, current)
         return PutResult(self.revision, current is None, entry, current)

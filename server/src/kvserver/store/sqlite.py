@@ -63,13 +63,14 @@ _END_OF_ROWS = "--no more--"
 _MAX_BATCH = 512
 # SQLite allows 32766 bound parameters per statement.
 _ROWS_PER_INSERT = 1000
-_ENTRY_COLUMNS = "key, value, create_revision, mod_revision, version, expire_at_ms"
+_ENTRY_COLUMNS = "key, value, create_revision, mod_revision, version, expire_at_ms, content_type"
 
 _SCHEMA = [
     "ALTER TABLE kv ADD COLUMN create_revision INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE kv ADD COLUMN mod_revision INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE kv ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE kv ADD COLUMN expire_at_ms INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE kv ADD COLUMN content_type TEXT NOT NULL DEFAULT ''",
     "CREATE INDEX kv_deadlines ON kv (expire_at_ms) WHERE expire_at_ms > 0",
     """CREATE TABLE kv_events (
         revision INTEGER PRIMARY KEY,
@@ -80,11 +81,13 @@ _SCHEMA = [
         create_revision INTEGER,
         version INTEGER,
         expire_at_ms INTEGER,
+        content_type TEXT,
         prev_value BLOB,
         prev_create_revision INTEGER,
         prev_mod_revision INTEGER,
         prev_version INTEGER,
-        prev_expire_at_ms INTEGER
+        prev_expire_at_ms INTEGER,
+        prev_content_type TEXT
     )""",
     "CREATE INDEX kv_events_by_key ON kv_events (key, revision)",
     "CREATE TABLE kv_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
@@ -262,7 +265,7 @@ class SqliteStore:
     async def get(self, key: str, now_ms: int) -> tuple[int, Entry | None]:
         rows = await self._require(self._reader).query(
             "SELECT s.value, kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, "
-            "kv.expire_at_ms FROM kv_state s LEFT JOIN kv ON kv.key = ? "
+            "kv.expire_at_ms, kv.content_type FROM kv_state s LEFT JOIN kv ON kv.key = ? "
             "WHERE s.name = 'revision'",
             (key,),
         )
@@ -297,16 +300,12 @@ class SqliteStore:
         return Page(revision, tuple(entries[:limit]), more=len(entries) > limit)
 
     async def count(self, keys: KeyRange, *, revision: int, now_ms: int) -> int:
-        sql, args = _snapshot_query(keys, revision, None, None, keys_only=True)
-        rows = await self._require(self._reader).query(
-            f"SELECT key, cur_create, cur_expire, changed, prev_create, prev_expire, compacted FROM ({sql})",
-            args,
-        )
-        self._check_snapshot(rows, revision)
-        return sum(1 for row in rows if _exists_at(row[1:6], now_ms))
+        rows = await self._snapshot_rows(keys, revision, None, None, keys_only=True)
+        entries = (_snapshot_entry(row) for row in rows)
+        return sum(1 for entry in entries if entry is not None and not entry.expired(now_ms))
 
     async def _snapshot_rows(
-        self, keys: KeyRange, revision: int, after: str | None, limit: int, keys_only: bool
+        self, keys: KeyRange, revision: int, after: str | None, limit: int | None, keys_only: bool
     ) -> list[tuple[Any, ...]]:
         sql, args = _snapshot_query(keys, revision, after, limit, keys_only=keys_only)
         rows = await self._require(self._reader).query(sql, args)
@@ -316,7 +315,7 @@ class SqliteStore:
     def _check_snapshot(self, rows: list[tuple[Any, ...]], revision: int) -> None:
         if revision > self._revision:
             raise FutureRevision(revision, self._revision)
-        compact_revision = max(self._compact_revision, rows[0][-1] if rows else 0)
+        compact_revision = max(self._compact_revision, rows[0][_COMPACTED] if rows else 0)
         if revision < compact_revision:
             raise Compacted(revision, compact_revision)
 
@@ -326,8 +325,9 @@ class SqliteStore:
         end_clause, end_args = ("AND key < ?", [keys.end]) if keys.end is not None else ("", [])
         rows = await self._require(self._reader).query(
             f"""SELECT (SELECT value FROM kv_state WHERE name = 'compact_revision'), revision, type, key,
-                       value, create_revision, version, expire_at_ms, prev_value, prev_create_revision,
-                       prev_mod_revision, prev_version, prev_expire_at_ms
+                       value, create_revision, version, expire_at_ms, content_type, prev_value,
+                       prev_create_revision, prev_mod_revision, prev_version, prev_expire_at_ms,
+                       prev_content_type
                 FROM (SELECT 1) LEFT JOIN kv_events
                   ON revision >= ? AND revision <= ? AND key >= ? {end_clause}
                 ORDER BY revision LIMIT ?""",
@@ -487,8 +487,8 @@ async def _rollback(writer: _Connection) -> None:
 
 
 def _entry(row: Sequence[Any]) -> Entry:
-    key, value, create_revision, mod_revision, version, expire_at_ms = row
-    return Entry(key, bytes(value or b""), create_revision, mod_revision, version, expire_at_ms)
+    key, value, create_revision, mod_revision, version, expire_at_ms, content_type = row
+    return Entry(key, bytes(value or b""), create_revision, mod_revision, version, expire_at_ms, content_type)
 
 
 def _range_query(keys: KeyRange) -> tuple[str, list[Any]]:
@@ -517,11 +517,11 @@ def _snapshot_query(
             ORDER BY key {limit_clause}
         )
         SELECT c.key,
-               {value} AS cur_value, kv.create_revision AS cur_create, kv.mod_revision, kv.version,
-               kv.expire_at_ms AS cur_expire,
+               kv.create_revision AS cur_create, kv.expire_at_ms AS cur_expire,
                e.revision AS changed,
-               {prev_value}, e.prev_create_revision AS prev_create, e.prev_mod_revision, e.prev_version,
-               e.prev_expire_at_ms AS prev_expire,
+               e.prev_create_revision AS prev_create, e.prev_expire_at_ms AS prev_expire,
+               {value}, kv.mod_revision, kv.version, kv.content_type,
+               {prev_value}, e.prev_mod_revision, e.prev_version, e.prev_content_type,
                (SELECT value FROM kv_state WHERE name = 'compact_revision') AS compacted
         FROM candidates c
         LEFT JOIN kv ON kv.key = c.key
@@ -532,80 +532,52 @@ def _snapshot_query(
     return sql, args
 
 
+_COMPACTED = 14  # the column of a snapshot row that carries the compact revision
+
+
 def _snapshot_entry(row: Sequence[Any]) -> Entry | None:
-    key, value, create, mod, version, expire, changed, p_value, p_create, p_mod, p_version, p_expire, _ = row
+    key, create, expire, changed, p_create, p_expire, value, mod, version, c_type = row[:10]
+    p_value, p_mod, p_version, p_type = row[10:14]
     if changed is None:
-        return Entry(key, bytes(value or b""), create, mod, version, expire) if create is not None else None
+        if create is None:
+            return None
+        return Entry(key, bytes(value or b""), create, mod, version, expire, c_type)
     if p_create is None:
         return None
-    return Entry(key, bytes(p_value or b""), p_create, p_mod, p_version, p_expire)
-
-
-def _exists_at(columns: Sequence[Any], now_ms: int) -> bool:
-    cur_create, cur_expire, changed, prev_create, prev_expire = columns
-    create, expire = (cur_create, cur_expire) if changed is None else (prev_create, prev_expire)
-    return create is not None and not (expire and expire <= now_ms)
+    return Entry(key, bytes(p_value or b""), p_create, p_mod, p_version, p_expire, p_type)
 
 
 def _event(row: Sequence[Any]) -> Event:
-    revision, type_, key, value, create, version, expire, p_value, p_create, p_mod, p_version, p_expire = row
+    revision, type_, key, value, create, version, expire, c_type = row[:8]
+    p_value, p_create, p_mod, p_version, p_expire, p_type = row[8:]
     event_type = EventType(type_)
-    entry = (
-        Entry(key, bytes(value or b""), create, revision, version, expire)
-        if event_type is EventType.PUT
-        else None
-    )
-    prev = (
-        Entry(key, bytes(p_value or b""), p_create, p_mod, p_version, p_expire)
-        if p_create is not None
-        else None
-    )
+    entry = None
+    if event_type is EventType.PUT:
+        entry = Entry(key, bytes(value or b""), create, revision, version, expire, c_type)
+    prev = None
+    if p_create is not None:
+        prev = Entry(key, bytes(p_value or b""), p_create, p_mod, p_version, p_expire, p_type)
     return Event(event_type, revision, key, entry, prev)
 
 
 def _plan_statements(plan: BatchPlan, now_ms: int) -> list[tuple[str, list[Any]]]:
     """The SQL that persists a planned batch (inside the caller's transaction)."""
     statements: list[tuple[str, list[Any]]] = []
-    for start in range(0, len(plan.events), _ROWS_PER_INSERT // 13):
-        events = plan.events[start : start + _ROWS_PER_INSERT // 13]
-        rows = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * len(events))
-        args: list[Any] = []
-        for event in events:
-            new, old = event.entry, event.prev
-            args += [event.revision, int(event.type), event.key, now_ms]
-            args += [new.value, new.create_revision, new.version, new.expire_at_ms] if new else [None] * 4
-            args += (
-                [old.value, old.create_revision, old.mod_revision, old.version, old.expire_at_ms]
-                if old
-                else [None] * 5
-            )
-        statements.append((f"INSERT INTO kv_events VALUES {rows}", args))
+    event_rows = [_event_row(event, now_ms) for event in plan.events]
+    statements += _inserts("INSERT INTO kv_events VALUES", event_rows)
     upserts, deletes = plan.final_rows()
-    upsert_rows = list(upserts.values())
-    for start in range(0, len(upsert_rows), _ROWS_PER_INSERT // 6):
-        entries = upsert_rows[start : start + _ROWS_PER_INSERT // 6]
-        rows = ",".join(["(?,?,?,?,?,?)"] * len(entries))
-        args = [
-            value
-            for entry in entries
-            for value in (
-                entry.key,
-                entry.value,
-                entry.create_revision,
-                entry.mod_revision,
-                entry.version,
-                entry.expire_at_ms,
-            )
-        ]
-        statements.append(
-            (
-                f"INSERT INTO kv ({_ENTRY_COLUMNS}) VALUES {rows} ON CONFLICT(key) DO UPDATE SET "
-                "value = excluded.value, create_revision = excluded.create_revision, "
-                "mod_revision = excluded.mod_revision, version = excluded.version, "
-                "expire_at_ms = excluded.expire_at_ms",
-                args,
-            )
+    entry_rows = [_entry_row(entry) for entry in upserts.values()]
+    upsert = f"INSERT INTO kv ({_ENTRY_COLUMNS}) VALUES"
+    statements += [
+        (
+            sql + " ON CONFLICT(key) DO UPDATE SET value = excluded.value, "
+            "create_revision = excluded.create_revision, mod_revision = excluded.mod_revision, "
+            "version = excluded.version, expire_at_ms = excluded.expire_at_ms, "
+            "content_type = excluded.content_type",
+            args,
         )
+        for sql, args in _inserts(upsert, entry_rows)
+    ]
     deleted_keys = sorted(deletes)
     for start in range(0, len(deleted_keys), _ROWS_PER_INSERT):
         keys = deleted_keys[start : start + _ROWS_PER_INSERT]
@@ -619,5 +591,55 @@ def _plan_statements(plan: BatchPlan, now_ms: int) -> list[tuple[str, list[Any]]
                 "UPDATE kv_state SET value = MAX(value, ?) WHERE name = 'compact_revision'",
                 [plan.compact_revision],
             )
+        )
+    return statements
+
+
+def _event_row(event: Event, now_ms: int) -> list[Any]:
+    """A kv_events row: the event, the key's new state (for a PUT), its previous state (if any)."""
+    new, old = event.entry, event.prev
+    row: list[Any] = [event.revision, int(event.type), event.key, now_ms]
+    row += (
+        [new.value, new.create_revision, new.version, new.expire_at_ms, new.content_type]
+        if new
+        else [None] * 5
+    )
+    if old is None:
+        return row + [None] * 6
+    return [
+        *row,
+        old.value,
+        old.create_revision,
+        old.mod_revision,
+        old.version,
+        old.expire_at_ms,
+        old.content_type,
+    ]
+
+
+def _entry_row(entry: Entry) -> list[Any]:
+    return [
+        entry.key,
+        entry.value,
+        entry.create_revision,
+        entry.mod_revision,
+        entry.version,
+        entry.expire_at_ms,
+        entry.content_type,
+    ]
+
+
+def _inserts(prefix: str, rows: list[list[Any]]) -> list[tuple[str, list[Any]]]:
+    """Multi-row INSERT statements for `rows`, within SQLite's limit of bound parameters."""
+    if not rows:
+        return []
+    width = len(rows[0])
+    per_statement = max(_ROWS_PER_INSERT // width, 1)
+    placeholder = "(" + ",".join("?" * width) + ")"
+    statements = []
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        statements.append(
+            (f"{prefix} {','.join([placeholder] * len(chunk))}", [v for row in chunk for v in row])
         )
     return statements

@@ -1,6 +1,7 @@
 import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -18,7 +19,7 @@ class ResponseHeader(_message.Message):
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
 
 class Entry(_message.Message):
-    __slots__ = ("key", "value", "value_bytes", "create_revision", "mod_revision", "version", "expire_time")
+    __slots__ = ("key", "value", "value_bytes", "create_revision", "mod_revision", "version", "expire_time", "content_type")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     VALUE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +27,7 @@ class Entry(_message.Message):
     MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     key: str
     value: str
     value_bytes: bytes
@@ -33,7 +35,8 @@ class Entry(_message.Message):
     mod_revision: int
     version: int
     expire_time: _timestamp_pb2.Timestamp
-    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., value_bytes: _Optional[bytes] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., version: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    content_type: str
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., value_bytes: _Optional[bytes] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., version: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., content_type: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("type", "entry", "prev_entry")
@@ -70,7 +73,7 @@ class GetResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., entry: _Optional[_Union[Entry, _Mapping]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("key", "value", "value_bytes", "ttl_ms", "if_absent", "if_present", "if_mod_revision", "if_version", "return_previous")
+    __slots__ = ("key", "value", "value_bytes", "ttl_ms", "if_absent", "if_present", "if_mod_revision", "if_version", "return_previous", "content_type")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     VALUE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +83,7 @@ class PutRequest(_message.Message):
     IF_MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
     IF_VERSION_FIELD_NUMBER: _ClassVar[int]
     RETURN_PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     key: str
     value: str
     value_bytes: bytes
@@ -89,7 +93,42 @@ class PutRequest(_message.Message):
     if_mod_revision: int
     if_version: int
     return_previous: bool
-    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., value_bytes: _Optional[bytes] = ..., ttl_ms: _Optional[int] = ..., if_absent: _Optional[bool] = ..., if_present: _Optional[bool] = ..., if_mod_revision: _Optional[int] = ..., if_version: _Optional[int] = ..., return_previous: _Optional[bool] = ...) -> None: ...
+    content_type: str
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., value_bytes: _Optional[bytes] = ..., ttl_ms: _Optional[int] = ..., if_absent: _Optional[bool] = ..., if_present: _Optional[bool] = ..., if_mod_revision: _Optional[int] = ..., if_version: _Optional[int] = ..., return_previous: _Optional[bool] = ..., content_type: _Optional[str] = ...) -> None: ...
+
+class GetValueRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class PutValueRequest(_message.Message):
+    __slots__ = ("key", "body", "ttl_ms", "if_absent", "if_present", "if_mod_revision", "if_version")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    IF_ABSENT_FIELD_NUMBER: _ClassVar[int]
+    IF_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    IF_MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    IF_VERSION_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    body: _httpbody_pb2.HttpBody
+    ttl_ms: int
+    if_absent: bool
+    if_present: bool
+    if_mod_revision: int
+    if_version: int
+    def __init__(self, key: _Optional[str] = ..., body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ..., ttl_ms: _Optional[int] = ..., if_absent: _Optional[bool] = ..., if_present: _Optional[bool] = ..., if_mod_revision: _Optional[int] = ..., if_version: _Optional[int] = ...) -> None: ...
+
+class PutValueResponse(_message.Message):
+    __slots__ = ("header", "created", "entry")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    created: bool
+    entry: Entry
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., created: _Optional[bool] = ..., entry: _Optional[_Union[Entry, _Mapping]] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("header", "created", "entry", "prev_entry")

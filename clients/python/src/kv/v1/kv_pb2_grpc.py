@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from kv.v1 import kv_pb2 as kv_dot_v1_dot_kv__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -48,10 +49,20 @@ class KeyValueStub:
                 request_serializer=kv_dot_v1_dot_kv__pb2.GetRequest.SerializeToString,
                 response_deserializer=kv_dot_v1_dot_kv__pb2.GetResponse.FromString,
                 _registered_method=True)
+        self.GetValue = channel.unary_unary(
+                '/kv.v1.KeyValue/GetValue',
+                request_serializer=kv_dot_v1_dot_kv__pb2.GetValueRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.Put = channel.unary_unary(
                 '/kv.v1.KeyValue/Put',
                 request_serializer=kv_dot_v1_dot_kv__pb2.PutRequest.SerializeToString,
                 response_deserializer=kv_dot_v1_dot_kv__pb2.PutResponse.FromString,
+                _registered_method=True)
+        self.PutValue = channel.unary_unary(
+                '/kv.v1.KeyValue/PutValue',
+                request_serializer=kv_dot_v1_dot_kv__pb2.PutValueRequest.SerializeToString,
+                response_deserializer=kv_dot_v1_dot_kv__pb2.PutValueResponse.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/kv.v1.KeyValue/Delete',
@@ -95,9 +106,26 @@ class KeyValueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetValue(self, request, context):
+        """GetValue returns one key's value as raw bytes, with the content type it
+        was written with (application/octet-stream if none). Over REST the body
+        of the response is the value itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Put(self, request, context):
         """Put creates a key or replaces its value.
         A failed condition is ABORTED and changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutValue(self, request, context):
+        """PutValue is Put with the value given as raw bytes and a content type.
+        Over REST the request body is the value itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,10 +172,20 @@ def add_KeyValueServicer_to_server(servicer, server):
                     request_deserializer=kv_dot_v1_dot_kv__pb2.GetRequest.FromString,
                     response_serializer=kv_dot_v1_dot_kv__pb2.GetResponse.SerializeToString,
             ),
+            'GetValue': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetValue,
+                    request_deserializer=kv_dot_v1_dot_kv__pb2.GetValueRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
             'Put': grpc.unary_unary_rpc_method_handler(
                     servicer.Put,
                     request_deserializer=kv_dot_v1_dot_kv__pb2.PutRequest.FromString,
                     response_serializer=kv_dot_v1_dot_kv__pb2.PutResponse.SerializeToString,
+            ),
+            'PutValue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutValue,
+                    request_deserializer=kv_dot_v1_dot_kv__pb2.PutValueRequest.FromString,
+                    response_serializer=kv_dot_v1_dot_kv__pb2.PutValueResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -217,6 +255,33 @@ class KeyValue:
             _registered_method=True)
 
     @staticmethod
+    def GetValue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kv.v1.KeyValue/GetValue',
+            kv_dot_v1_dot_kv__pb2.GetValueRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Put(request,
             target,
             options=(),
@@ -233,6 +298,33 @@ class KeyValue:
             '/kv.v1.KeyValue/Put',
             kv_dot_v1_dot_kv__pb2.PutRequest.SerializeToString,
             kv_dot_v1_dot_kv__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutValue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kv.v1.KeyValue/PutValue',
+            kv_dot_v1_dot_kv__pb2.PutValueRequest.SerializeToString,
+            kv_dot_v1_dot_kv__pb2.PutValueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,6 +14,7 @@ arbitrary bytes. The size limits are reported by the Status RPC.
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 from kv.v1 import kv_pb2 as _kv_pb2
 import abc as _abc_1
@@ -56,9 +57,18 @@ class KeyValueStub:
     """Get returns one key with its value and metadata.
     A key that does not exist, or whose TTL has passed, is NOT_FOUND.
     """
+    GetValue: _grpc.UnaryUnaryMultiCallable[_kv_pb2.GetValueRequest, _httpbody_pb2.HttpBody]
+    """GetValue returns one key's value as raw bytes, with the content type it
+    was written with (application/octet-stream if none). Over REST the body
+    of the response is the value itself.
+    """
     Put: _grpc.UnaryUnaryMultiCallable[_kv_pb2.PutRequest, _kv_pb2.PutResponse]
     """Put creates a key or replaces its value.
     A failed condition is ABORTED and changes nothing.
+    """
+    PutValue: _grpc.UnaryUnaryMultiCallable[_kv_pb2.PutValueRequest, _kv_pb2.PutValueResponse]
+    """PutValue is Put with the value given as raw bytes and a content type.
+    Over REST the request body is the value itself.
     """
     Delete: _grpc.UnaryUnaryMultiCallable[_kv_pb2.DeleteRequest, _kv_pb2.DeleteResponse]
     """Delete removes one key, or every key under a prefix.
@@ -95,9 +105,18 @@ class KeyValueAsyncStub(KeyValueStub):
     """Get returns one key with its value and metadata.
     A key that does not exist, or whose TTL has passed, is NOT_FOUND.
     """
+    GetValue: _aio.UnaryUnaryMultiCallable[_kv_pb2.GetValueRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """GetValue returns one key's value as raw bytes, with the content type it
+    was written with (application/octet-stream if none). Over REST the body
+    of the response is the value itself.
+    """
     Put: _aio.UnaryUnaryMultiCallable[_kv_pb2.PutRequest, _kv_pb2.PutResponse]  # type: ignore[assignment]
     """Put creates a key or replaces its value.
     A failed condition is ABORTED and changes nothing.
+    """
+    PutValue: _aio.UnaryUnaryMultiCallable[_kv_pb2.PutValueRequest, _kv_pb2.PutValueResponse]  # type: ignore[assignment]
+    """PutValue is Put with the value given as raw bytes and a content type.
+    Over REST the request body is the value itself.
     """
     Delete: _aio.UnaryUnaryMultiCallable[_kv_pb2.DeleteRequest, _kv_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete removes one key, or every key under a prefix.
@@ -139,6 +158,17 @@ class KeyValueServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def GetValue(
+        self,
+        request: _kv_pb2.GetValueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """GetValue returns one key's value as raw bytes, with the content type it
+        was written with (application/octet-stream if none). Over REST the body
+        of the response is the value itself.
+        """
+
+    @_abc_1.abstractmethod
     def Put(
         self,
         request: _kv_pb2.PutRequest,
@@ -146,6 +176,16 @@ class KeyValueServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kv_pb2.PutResponse, _abc.Awaitable[_kv_pb2.PutResponse]]:
         """Put creates a key or replaces its value.
         A failed condition is ABORTED and changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def PutValue(
+        self,
+        request: _kv_pb2.PutValueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kv_pb2.PutValueResponse, _abc.Awaitable[_kv_pb2.PutValueResponse]]:
+        """PutValue is Put with the value given as raw bytes and a content type.
+        Over REST the request body is the value itself.
         """
 
     @_abc_1.abstractmethod
