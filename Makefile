@@ -11,10 +11,14 @@ STAMP := $(VENV)/.installed
 GEN_DIR := clients/python/src
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 
-KV_HOST ?= 127.0.0.1
-KV_PORT ?= 50051
+DESCRIPTOR := build/kv.pb
 
-.PHONY: help setup generate check-generated lint typecheck test test-fast run bench verify fix clean
+export KV_HOST ?= 127.0.0.1
+export KV_PORT ?= 50051
+export KV_REST_PORT ?= 8080
+export KV_ADMIN_PORT ?= 9901
+
+.PHONY: help setup generate check-generated descriptor lint typecheck test test-fast run run-grpc bench verify fix clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -33,6 +37,11 @@ generate: $(STAMP) ## Regenerate the Python stubs from proto/ (pinned protoc and
 check-generated: $(STAMP) ## Fail if the generated code is not what `make generate` writes
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) scripts/generate.py --check
 
+$(DESCRIPTOR): $(PROTO_FILES) $(STAMP)
+	$(PY) scripts/generate.py --descriptor $@
+
+descriptor: $(DESCRIPTOR) ## Build the descriptor set the REST gateway transcodes with
+
 # buf breaking builds the baseline like proto/, with the local google/api module (see buf.yaml).
 BUF_BASELINE := {"version":"v2","modules":[{"path":"proto-baseline"},{"path":"build/googleapis"}]}
 
@@ -46,15 +55,18 @@ lint: $(STAMP) ## ruff, layering contracts, buf lint and buf breaking
 typecheck: $(STAMP) ## mypy --strict over the server, the client and the tests
 	$(BIN)/mypy
 
-test: $(STAMP) ## The whole test suite (what CI runs)
+test: $(STAMP) $(DESCRIPTOR) ## The whole test suite (what CI runs)
 	$(MAKE) --no-print-directory check-generated lint typecheck
 	$(BIN)/pytest
 
-test-fast: $(STAMP) ## The test suite without the slow crash and restart tests
+test-fast: $(STAMP) $(DESCRIPTOR) ## The test suite without the slow crash and restart tests
 	$(BIN)/pytest -m "not slow"
 
-run: $(STAMP) ## Run the server on the embedded SQLite store (./data/kv.db)
-	$(BIN)/kv-server --host $(KV_HOST) --port $(KV_PORT)
+run: $(STAMP) $(DESCRIPTOR) ## Serve gRPC on :50051 and REST on :8080 (Envoy), SQLite store in ./data/kv.db
+	$(PY) scripts/serve.py
+
+run-grpc: $(STAMP) ## Serve gRPC only, without the REST gateway
+	$(BIN)/kv-server
 
 BENCH_ARGS ?=
 

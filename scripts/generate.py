@@ -6,6 +6,7 @@ pinned mypy-protobuf, and google/api/*.proto from the pinned googleapis-common-p
 
     python scripts/generate.py          # rewrite the generated files
     python scripts/generate.py --check  # exit 1 and list the differences if they are stale
+    python scripts/generate.py --descriptor build/kv.pb  # the descriptor set Envoy transcodes with
 """
 
 from __future__ import annotations
@@ -54,6 +55,23 @@ def generate_into(out: pathlib.Path) -> None:
     (out / GENERATED_PACKAGE / "py.typed").write_text("")
 
 
+def write_descriptor(out: pathlib.Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{GOOGLEAPIS_INCLUDE}",
+        "--include_imports",
+        "--include_source_info",
+        f"--descriptor_set_out={out}",
+        *proto_files(),
+    ]
+    subprocess.run(command, check=True)
+    print(f"Wrote the descriptor set {out}.")
+
+
 def generated_files(root: pathlib.Path) -> set[pathlib.Path]:
     return {
         path.relative_to(root)
@@ -67,7 +85,11 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--check", action="store_true", help="only report stale generated files")
+    parser.add_argument("--descriptor", type=pathlib.Path, help="write only the descriptor set, to this file")
     args = parser.parse_args()
+    if args.descriptor:
+        write_descriptor(args.descriptor)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         fresh_root = pathlib.Path(tmp)
         generate_into(fresh_root)

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import grpc
+from google.api import httpbody_pb2
 
 from kv.compat.v1 import compat_pb2
 from kvserver.api import convert
@@ -91,7 +92,7 @@ class CompatServicer:
         await self._kv.delete(request.key)
         return compat_pb2.DeleteResponse(key=request.key, deleted=True, message="Key-value pair deleted")
 
-    async def all(self, request: compat_pb2.AllRequest, context: Context) -> compat_pb2.AllResponse:
+    async def all(self, request: compat_pb2.AllRequest, context: Context) -> httpbody_pb2.HttpBody:
         pairs: dict[str, str] = {}
         token = ""
         while True:
@@ -103,7 +104,7 @@ class CompatServicer:
                 )
             token = page.next_page_token
             if not token:
-                return compat_pb2.AllResponse(pairs=pairs)
+                return httpbody_pb2.HttpBody(content_type=_JSON, data=json.dumps(pairs).encode())
 
     async def health(self, request: compat_pb2.HealthRequest, context: Context) -> compat_pb2.HealthResponse:
         try:

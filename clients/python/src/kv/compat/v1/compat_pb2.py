@@ -27,7 +27,7 @@ from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kv/compat/v1/compat.proto\x12\x0ckv.compat.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n\nSetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"[\n\x0bSetResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x01\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"@\n\rPutKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\"^\n\x0ePutKeyResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x01\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\":\n\x0bGetResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x01\"\x1f\n\x10LocalReadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"@\n\x11LocalReadResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x01\"\x1c\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"?\n\x0e\x44\x65leteResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x0c\n\nAllRequest\"p\n\x0b\x41llResponse\x12\x33\n\x05pairs\x18\x01 \x03(\x0b\x32$.kv.compat.v1.AllResponse.PairsEntry\x1a,\n\nPairsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0f\n\rHealthRequest\"J\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xb4\x05\n\rCompatService\x12V\n\x03Set\x12\x18.kv.compat.v1.SetRequest\x1a\x19.kv.compat.v1.SetResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x04/set:\x01*Z\t\"\x04/put:\x01*\x12_\n\x06PutKey\x12\x1b.kv.compat.v1.PutKeyRequest\x1a\x1c.kv.compat.v1.PutKeyResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x1a\x0c/kv/{key=**}:\x04\x62ody\x12X\n\x03Get\x12\x18.kv.compat.v1.GetRequest\x1a\x19.kv.compat.v1.GetResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x0c/kv/{key=**}Z\x06\x12\x04/get\x12\x61\n\tLocalRead\x12\x1e.kv.compat.v1.LocalReadRequest\x1a\x1f.kv.compat.v1.LocalReadResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/local_read\x12v\n\x06\x44\x65lete\x12\x1b.kv.compat.v1.DeleteRequest\x1a\x1c.kv.compat.v1.DeleteResponse\"1\x82\xd3\xe4\x93\x02+*\x0c/kv/{key=**}Z\x10*\x0e/keys/{key=**}Z\t*\x07/delete\x12_\n\x03\x41ll\x12\x18.kv.compat.v1.AllRequest\x1a\x19.kv.compat.v1.AllResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x04/allZ\x0e\x12\x05/keysb\x05pairsb\x05pairs\x12T\n\x06Health\x12\x1b.kv.compat.v1.HealthRequest\x1a\x1c.kv.compat.v1.HealthResponse\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/healthBC\n\x10\x64\x65v.kv.compat.v1P\x01Z-github.com/kv/kv/gen/go/kv/compat/v1;compatv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kv/compat/v1/compat.proto\x12\x0ckv.compat.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n\nSetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"[\n\x0bSetResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x01\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"@\n\rPutKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\"^\n\x0ePutKeyResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x01\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\":\n\x0bGetResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x01\"\x1f\n\x10LocalReadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"@\n\x11LocalReadResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x01\"\x1c\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"?\n\x0e\x44\x65leteResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x0c\n\nAllRequest\"\x0f\n\rHealthRequest\"J\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa1\x05\n\rCompatService\x12V\n\x03Set\x12\x18.kv.compat.v1.SetRequest\x1a\x19.kv.compat.v1.SetResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x04/set:\x01*Z\t\"\x04/put:\x01*\x12_\n\x06PutKey\x12\x1b.kv.compat.v1.PutKeyRequest\x1a\x1c.kv.compat.v1.PutKeyResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x1a\x0c/kv/{key=**}:\x04\x62ody\x12X\n\x03Get\x12\x18.kv.compat.v1.GetRequest\x1a\x19.kv.compat.v1.GetResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x0c/kv/{key=**}Z\x06\x12\x04/get\x12\x61\n\tLocalRead\x12\x1e.kv.compat.v1.LocalReadRequest\x1a\x1f.kv.compat.v1.LocalReadResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/local_read\x12v\n\x06\x44\x65lete\x12\x1b.kv.compat.v1.DeleteRequest\x1a\x1c.kv.compat.v1.DeleteResponse\"1\x82\xd3\xe4\x93\x02+*\x0c/kv/{key=**}Z\x10*\x0e/keys/{key=**}Z\t*\x07/delete\x12L\n\x03\x41ll\x12\x18.kv.compat.v1.AllRequest\x1a\x14.google.api.HttpBody\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\x04/allZ\x07\x12\x05/keys\x12T\n\x06Health\x12\x1b.kv.compat.v1.HealthRequest\x1a\x1c.kv.compat.v1.HealthResponse\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/healthBC\n\x10\x64\x65v.kv.compat.v1P\x01Z-github.com/kv/kv/gen/go/kv/compat/v1;compatv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,6 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kv.compat.v1.compat_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.kv.compat.v1P\001Z-github.com/kv/kv/gen/go/kv/compat/v1;compatv1'
-  _globals['_ALLRESPONSE_PAIRSENTRY']._loaded_options = None
-  _globals['_ALLRESPONSE_PAIRSENTRY']._serialized_options = b'8\001'
   _globals['_COMPATSERVICE'].methods_by_name['Set']._loaded_options = None
   _globals['_COMPATSERVICE'].methods_by_name['Set']._serialized_options = b'\202\323\344\223\002\024\"\004/set:\001*Z\t\"\004/put:\001*'
   _globals['_COMPATSERVICE'].methods_by_name['PutKey']._loaded_options = None
@@ -48,7 +46,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPATSERVICE'].methods_by_name['Delete']._loaded_options = None
   _globals['_COMPATSERVICE'].methods_by_name['Delete']._serialized_options = b'\202\323\344\223\002+*\014/kv/{key=**}Z\020*\016/keys/{key=**}Z\t*\007/delete'
   _globals['_COMPATSERVICE'].methods_by_name['All']._loaded_options = None
-  _globals['_COMPATSERVICE'].methods_by_name['All']._serialized_options = b'\202\323\344\223\002\035\022\004/allZ\016\022\005/keysb\005pairsb\005pairs'
+  _globals['_COMPATSERVICE'].methods_by_name['All']._serialized_options = b'\202\323\344\223\002\017\022\004/allZ\007\022\005/keys'
   _globals['_COMPATSERVICE'].methods_by_name['Health']._loaded_options = None
   _globals['_COMPATSERVICE'].methods_by_name['Health']._serialized_options = b'\202\323\344\223\002\t\022\007/health'
   _globals['_SETREQUEST']._serialized_start=133
@@ -73,14 +71,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETERESPONSE']._serialized_end=709
   _globals['_ALLREQUEST']._serialized_start=711
   _globals['_ALLREQUEST']._serialized_end=723
-  _globals['_ALLRESPONSE']._serialized_start=725
-  _globals['_ALLRESPONSE']._serialized_end=837
-  _globals['_ALLRESPONSE_PAIRSENTRY']._serialized_start=793
-  _globals['_ALLRESPONSE_PAIRSENTRY']._serialized_end=837
-  _globals['_HEALTHREQUEST']._serialized_start=839
-  _globals['_HEALTHREQUEST']._serialized_end=854
-  _globals['_HEALTHRESPONSE']._serialized_start=856
-  _globals['_HEALTHRESPONSE']._serialized_end=930
-  _globals['_COMPATSERVICE']._serialized_start=933
-  _globals['_COMPATSERVICE']._serialized_end=1625
+  _globals['_HEALTHREQUEST']._serialized_start=725
+  _globals['_HEALTHREQUEST']._serialized_end=740
+  _globals['_HEALTHRESPONSE']._serialized_start=742
+  _globals['_HEALTHRESPONSE']._serialized_end=816
+  _globals['_COMPATSERVICE']._serialized_start=819
+  _globals['_COMPATSERVICE']._serialized_end=1492
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,6 @@ import datetime
 from google.api import annotations_pb2 as _annotations_pb2
 from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
-from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -106,19 +105,6 @@ class DeleteResponse(_message.Message):
 class AllRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
-
-class AllResponse(_message.Message):
-    __slots__ = ("pairs",)
-    class PairsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    PAIRS_FIELD_NUMBER: _ClassVar[int]
-    pairs: _containers.ScalarMap[str, str]
-    def __init__(self, pairs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

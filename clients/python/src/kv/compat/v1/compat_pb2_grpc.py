@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from kv.compat.v1 import compat_pb2 as kv_dot_compat_dot_v1_dot_compat__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -63,7 +64,7 @@ class CompatServiceStub:
         self.All = channel.unary_unary(
                 '/kv.compat.v1.CompatService/All',
                 request_serializer=kv_dot_compat_dot_v1_dot_compat__pb2.AllRequest.SerializeToString,
-                response_deserializer=kv_dot_compat_dot_v1_dot_compat__pb2.AllResponse.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/kv.compat.v1.CompatService/Health',
@@ -118,9 +119,10 @@ class CompatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def All(self, request, context):
-        """All returns every key and value as one JSON object. A store with more
-        keys than the server's limit for it is RESOURCE_EXHAUSTED (429): list it
-        in pages with kv.v1.KeyValue/List instead.
+        """All returns every key and value as one JSON object, {"key": "value",
+        ...}, in an application/json body; values are text as in
+        GetResponse.value. A store with more keys than the server's limit for it
+        is RESOURCE_EXHAUSTED (429): list it in pages with kv.v1.KeyValue/List.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,7 +167,7 @@ def add_CompatServiceServicer_to_server(servicer, server):
             'All': grpc.unary_unary_rpc_method_handler(
                     servicer.All,
                     request_deserializer=kv_dot_compat_dot_v1_dot_compat__pb2.AllRequest.FromString,
-                    response_serializer=kv_dot_compat_dot_v1_dot_compat__pb2.AllResponse.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -335,7 +337,7 @@ class CompatService:
             target,
             '/kv.compat.v1.CompatService/All',
             kv_dot_compat_dot_v1_dot_compat__pb2.AllRequest.SerializeToString,
-            kv_dot_compat_dot_v1_dot_compat__pb2.AllResponse.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

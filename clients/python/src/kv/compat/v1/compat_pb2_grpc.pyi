@@ -9,6 +9,7 @@ versions are JSON numbers. New clients should use kv.v1.KeyValue.
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 from kv.compat.v1 import compat_pb2 as _compat_pb2
 import abc as _abc_1
@@ -58,10 +59,11 @@ class CompatServiceStub:
     """
     Delete: _grpc.UnaryUnaryMultiCallable[_compat_pb2.DeleteRequest, _compat_pb2.DeleteResponse]
     """Delete removes one key. An absent key is NOT_FOUND (404)."""
-    All: _grpc.UnaryUnaryMultiCallable[_compat_pb2.AllRequest, _compat_pb2.AllResponse]
-    """All returns every key and value as one JSON object. A store with more
-    keys than the server's limit for it is RESOURCE_EXHAUSTED (429): list it
-    in pages with kv.v1.KeyValue/List instead.
+    All: _grpc.UnaryUnaryMultiCallable[_compat_pb2.AllRequest, _httpbody_pb2.HttpBody]
+    """All returns every key and value as one JSON object, {"key": "value",
+    ...}, in an application/json body; values are text as in
+    GetResponse.value. A store with more keys than the server's limit for it
+    is RESOURCE_EXHAUSTED (429): list it in pages with kv.v1.KeyValue/List.
     """
     Health: _grpc.UnaryUnaryMultiCallable[_compat_pb2.HealthRequest, _compat_pb2.HealthResponse]
     """Health reports whether the server can serve. A server that cannot is
@@ -93,10 +95,11 @@ class CompatServiceAsyncStub(CompatServiceStub):
     """
     Delete: _aio.UnaryUnaryMultiCallable[_compat_pb2.DeleteRequest, _compat_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete removes one key. An absent key is NOT_FOUND (404)."""
-    All: _aio.UnaryUnaryMultiCallable[_compat_pb2.AllRequest, _compat_pb2.AllResponse]  # type: ignore[assignment]
-    """All returns every key and value as one JSON object. A store with more
-    keys than the server's limit for it is RESOURCE_EXHAUSTED (429): list it
-    in pages with kv.v1.KeyValue/List instead.
+    All: _aio.UnaryUnaryMultiCallable[_compat_pb2.AllRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """All returns every key and value as one JSON object, {"key": "value",
+    ...}, in an application/json body; values are text as in
+    GetResponse.value. A store with more keys than the server's limit for it
+    is RESOURCE_EXHAUSTED (429): list it in pages with kv.v1.KeyValue/List.
     """
     Health: _aio.UnaryUnaryMultiCallable[_compat_pb2.HealthRequest, _compat_pb2.HealthResponse]  # type: ignore[assignment]
     """Health reports whether the server can serve. A server that cannot is
@@ -161,10 +164,11 @@ class CompatServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _compat_pb2.AllRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_compat_pb2.AllResponse, _abc.Awaitable[_compat_pb2.AllResponse]]:
-        """All returns every key and value as one JSON object. A store with more
-        keys than the server's limit for it is RESOURCE_EXHAUSTED (429): list it
-        in pages with kv.v1.KeyValue/List instead.
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """All returns every key and value as one JSON object, {"key": "value",
+        ...}, in an application/json body; values are text as in
+        GetResponse.value. A store with more keys than the server's limit for it
+        is RESOURCE_EXHAUSTED (429): list it in pages with kv.v1.KeyValue/List.
         """
 
     @_abc_1.abstractmethod
