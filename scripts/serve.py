@@ -47,7 +47,18 @@ def render_gateway_config(grpc_port: int, rest_port: int, admin_port: int, out: 
 
 def envoy_command(config: Path) -> list[str]:
     # One worker thread: on a small machine a second one competes with kv-server for the CPU.
-    return [str(BIN / "envoy"), "-c", str(config), "--concurrency", "1", "--log-level", "warning"]
+    # No hot restart: it needs a machine-wide shared-memory id, which a second Envoy (another
+    # checkout, a test) would collide with.
+    return [
+        str(BIN / "envoy"),
+        "-c",
+        str(config),
+        "--concurrency",
+        "1",
+        "--log-level",
+        "warning",
+        "--disable-hot-restart",
+    ]
 
 
 def main() -> int:
