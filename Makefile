@@ -18,7 +18,7 @@ export KV_PORT ?= 50051
 export KV_REST_PORT ?= 8080
 export KV_ADMIN_PORT ?= 9901
 
-.PHONY: help setup generate check-generated descriptor lint typecheck test test-fast run run-grpc bench verify fix clean
+.PHONY: help setup generate check-generated descriptor polyglot-deps test-polyglot lint typecheck test test-fast run run-grpc bench verify fix clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -31,8 +31,9 @@ $(STAMP): constraints.txt requirements-dev.txt clients/python/pyproject.toml ser
 
 setup: $(STAMP) ## Create .venv with the server, the client and the tools (pinned)
 
-generate: $(STAMP) ## Regenerate the Python stubs from proto/ (pinned protoc and plugins)
+generate: $(STAMP) polyglot-deps ## Regenerate every client's stubs from proto/ (pinned protoc and plugins)
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) scripts/generate.py
+	$(PY) scripts/generate_polyglot.py
 
 check-generated: $(STAMP) ## Fail if the generated code is not what `make generate` writes
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) scripts/generate.py --check
@@ -41,6 +42,12 @@ $(DESCRIPTOR): $(PROTO_FILES) $(STAMP)
 	$(PY) scripts/generate.py --descriptor $@
 
 descriptor: $(DESCRIPTOR) ## Build the descriptor set the REST gateway transcodes with
+
+polyglot-deps: ## Install the TypeScript and Go toolchains (Debian packages, npm ci; idempotent)
+	scripts/install-polyglot-deps.sh
+
+test-polyglot: $(STAMP) $(DESCRIPTOR) polyglot-deps ## The contract from TypeScript, Go and grpcurl against a real server
+	$(BIN)/pytest tests/polyglot
 
 # buf breaking builds the baseline like proto/, with the local google/api module (see buf.yaml).
 BUF_BASELINE := {"version":"v2","modules":[{"path":"proto-baseline"},{"path":"build/googleapis"}]}
@@ -55,11 +62,11 @@ lint: $(STAMP) ## ruff, layering contracts, buf lint and buf breaking
 typecheck: $(STAMP) ## mypy --strict over the server, the client and the tests
 	$(BIN)/mypy
 
-test: $(STAMP) $(DESCRIPTOR) ## The whole test suite (what CI runs)
+test: $(STAMP) $(DESCRIPTOR) polyglot-deps ## The whole test suite (what CI runs)
 	$(MAKE) --no-print-directory check-generated lint typecheck
 	$(BIN)/pytest
 
-test-fast: $(STAMP) $(DESCRIPTOR) ## The test suite without the slow crash and restart tests
+test-fast: $(STAMP) $(DESCRIPTOR) polyglot-deps ## The test suite without the slow crash and restart tests
 	$(BIN)/pytest -m "not slow"
 
 run: $(STAMP) $(DESCRIPTOR) ## Serve gRPC on :50051 and REST on :8080 (Envoy), SQLite store in ./data/kv.db
@@ -81,4 +88,4 @@ fix: $(STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff format .
 
 clean: ## Remove the virtualenv and caches (keeps ./data)
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build clients/typescript/node_modules clients/typescript/dist

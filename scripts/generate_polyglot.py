@@ -179,6 +179,10 @@ def main() -> int:
                 continue
             for path in current - fresh:
                 (target.committed / path).unlink()
+                for parent in (target.committed / path).parents:
+                    if parent == target.committed or any(parent.iterdir()):
+                        break
+                    parent.rmdir()
             for path in fresh:
                 destination = target.committed / path
                 destination.parent.mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,8 @@ class KeyValueServicer:
             server_version=self._info.version,
             server_id=self._info.server_id,
             store=self._kv.store.name,
-            compact_revision=stats.compact_revision,
+            # The store counts the newest discarded revision; clients get the oldest kept one.
+            compact_revision=stats.compact_revision + 1 if stats.compact_revision else 0,
             key_count=stats.key_count,
             limits=_limits_to_proto(limits, self._info.watch),
             started_time=convert.timestamp_from_ms(self._info.started_ms),

@@ -174,10 +174,15 @@ class KvService:
         """The leading entries that fit the response size budget (always at least one)."""
         total = 0
         for index, entry in enumerate(entries):
-            total += len(entry.key) + len(entry.value)
+            # Keys count in UTF-8 bytes, as sent, with room for the entry's other fields.
+            total += len(entry.key.encode()) + len(entry.value) + _ENTRY_OVERHEAD_BYTES
             if total > self.limits.max_response_bytes and index > 0:
                 return entries[:index], True
         return entries, False
+
+
+# Bytes an entry takes in a response besides its key and value (revisions, version, expire_time).
+_ENTRY_OVERHEAD_BYTES = 64
 
 
 def _condition(conditions: Conditions) -> Condition:

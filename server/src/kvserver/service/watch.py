@@ -125,7 +125,7 @@ class WatchHub:
     async def watch(self, spec: WatchSpec) -> AsyncIterator[WatchMessage]:
         """The messages of one stream. After a message with `cancel`, the stream ends."""
         self.validate(spec)
-        watcher = _Watcher(spec.key_range(), self._settings.buffer_events)
+        watcher = _Watcher(spec.key_range(), self._settings.buffer_events, closing=self._closing)
         self._watchers.add(watcher)
         try:
             registered_at = self._store.revision
