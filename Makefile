@@ -32,11 +32,11 @@ $(STAMP): constraints.txt requirements-dev.txt clients/python/pyproject.toml ser
 setup: $(STAMP) ## Create .venv with the server, the client and the tools (pinned)
 
 generate: $(STAMP) polyglot-deps ## Regenerate every client's stubs from proto/ (pinned protoc and plugins)
-	PATH="$(abspath $(BIN)):$$PATH" $(PY) scripts/generate.py
+	$(PY) scripts/generate.py
 	$(PY) scripts/generate_polyglot.py
 
 check-generated: $(STAMP) ## Fail if the generated code is not what `make generate` writes
-	PATH="$(abspath $(BIN)):$$PATH" $(PY) scripts/generate.py --check
+	$(PY) scripts/generate.py --check
 
 $(DESCRIPTOR): $(PROTO_FILES) $(STAMP)
 	$(PY) scripts/generate.py --descriptor $@

@@ -44,6 +44,8 @@ def generate_into(out: pathlib.Path) -> None:
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
         f"--mypy_grpc_out={out}",
+        # The plugin lives beside the interpreter (the venv's bin), which need not be on PATH.
+        f"--plugin=protoc-gen-mypy_grpc={pathlib.Path(sys.executable).parent / 'protoc-gen-mypy_grpc'}",
         *proto_files(),
     ]
     subprocess.run(command, check=True)
