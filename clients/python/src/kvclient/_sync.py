@@ -1,0 +1,461 @@
+"""The blocking client. Its logic is in ``_protocol``; this module only does the I/O."""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Generic, Literal, Self, TypeVar, overload
+
+import grpc
+
+from kv.v1 import kv_pb2, kv_pb2_grpc
+from kvclient import _protocol as _p
+from kvclient.errors import HistoryCompacted, KvError
+from kvclient.models import (
+    DeleteResult,
+    Entry,
+    Limits,
+    ListResult,
+    PutResult,
+    RetryPolicy,
+    ServerStatus,
+    Tls,
+    WatchEvent,
+    WatchProgress,
+)
+
+__all__ = ["Client", "Watch"]
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_Item = TypeVar("_Item", WatchEvent, WatchEvent | WatchProgress)
+
+
+class Client:
+    """A client of the kv service that blocks until each call is done.
+
+    ``target`` is ``host:port`` (default ``127.0.0.1:50051``). ``timeout`` is the default time
+    limit of each call in seconds (``None``: no limit); every method also takes its own
+    ``timeout``. ``tls`` is ``True`` (TLS with the system's roots) or a :class:`Tls` (own roots,
+    client certificate for mTLS); ``token`` is sent as ``authorization: Bearer <token>`` with
+    every call. ``retry`` sets the backoff of retries; ``channel_options`` are extra gRPC
+    channel arguments. The client holds one channel, reused by all calls, and is safe to share
+    between threads (tasks, for AsyncClient); close it, or use it as a context manager.
+    """
+
+    def __init__(
+        self,
+        target: str = _p.DEFAULT_TARGET,
+        *,
+        timeout: float | None = _p.DEFAULT_TIMEOUT,
+        tls: Tls | bool = False,
+        token: str | None = None,
+        retry: RetryPolicy | None = None,
+        channel_options: _p.ChannelOptions = (),
+    ) -> None:
+        self._target = _p.normalize_target(target)
+        self._timeout = _p.resolve_timeout(timeout, None)
+        self._tls = _p.normalize_tls(tls)
+        self._metadata = _p.call_metadata(token)
+        self._retry = retry or RetryPolicy()
+        options = _p.channel_options(self._tls, channel_options)
+        if self._tls is None:
+            self._channel = grpc.insecure_channel(self._target, options)
+        else:
+            credentials = _p.channel_credentials(self._tls)
+            self._channel = grpc.secure_channel(self._target, credentials, options)
+        self._stub = kv_pb2_grpc.KeyValueStub(self._channel)
+        self._watches: weakref.WeakSet[Watch[WatchEvent] | Watch[WatchEvent | WatchProgress]] = (
+            weakref.WeakSet()
+        )
+        self._closed = False
+
+    @property
+    def target(self) -> str:
+        """The ``host:port`` the client talks to."""
+        return self._target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._target!r})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the client's watches and its channel. Closing twice does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        for watch in builtins.list(self._watches):
+            watch.close()
+        self._channel.close()
+
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
+        request: _Req,
+        *,
+        timeout: _p.Timeout,
+        idempotent: bool,
+    ) -> _Resp:
+        if self._closed:
+            raise KvError("the client is closed")
+        deadline = _p.Deadline(_p.resolve_timeout(timeout, self._timeout))
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=deadline.remaining(), metadata=self._metadata)
+            except grpc.RpcError as error:
+                delay = _p.retry_delay(
+                    _p.rpc_code(error),
+                    idempotent=idempotent,
+                    attempt=attempt,
+                    policy=self._retry,
+                    deadline=deadline,
+                )
+                if delay is None:
+                    raise _p.error_from_rpc(error) from error
+            time.sleep(delay)
+            attempt += 1
+
+    def put(
+        self,
+        key: str,
+        value: _p.Value,
+        *,
+        ttl: _p.Ttl = None,
+        if_absent: bool = False,
+        if_present: bool = False,
+        if_mod_revision: int | None = None,
+        if_version: int | None = None,
+        return_previous: bool = False,
+        content_type: str | None = None,
+        timeout: _p.Timeout = _p.DEFAULT,
+    ) -> PutResult:
+        """Create or replace ``key`` and return a PutResult.
+
+        ``value`` is ``str`` (stored as its UTF-8 bytes) or bytes (stored unchanged). ``ttl`` is
+        the time to live in seconds (a float with millisecond precision, or a timedelta),
+        counted from when the server accepts the put; ``None`` means the key never expires.
+
+        Conditions, checked together with the write (if one fails, :class:`Conflict` is raised
+        and nothing changes): ``if_absent`` creates only; ``if_present`` updates only;
+        ``if_mod_revision`` / ``if_version`` compare-and-set (the key must exist with that
+        mod_revision / version). ``if_absent`` cannot be combined with the other three.
+        ``return_previous`` asks for ``prev_entry``, the key as it was before. ``content_type`` is
+        the media type kept with the value (e.g. ``"application/json"``).
+
+        ``timeout`` is in seconds (``None``: no limit; default: the client's). A put is retried
+        on UNAVAILABLE only when it is conditional on ``if_mod_revision`` or ``if_version``.
+        """
+        request, data = _p.put_request(
+            key,
+            value,
+            ttl=ttl,
+            if_absent=if_absent,
+            if_present=if_present,
+            if_mod_revision=if_mod_revision,
+            if_version=if_version,
+            return_previous=return_previous,
+            content_type=content_type,
+        )
+        response = self._call(
+            self._stub.Put, request, timeout=timeout, idempotent=_p.put_is_idempotent(request)
+        )
+        return _p.put_result(response, data)
+
+    def get(self, key: str, *, timeout: _p.Timeout = _p.DEFAULT) -> Entry:
+        """Return the Entry of ``key``; raise :class:`KeyNotFound` when it does not exist.
+
+        A key whose TTL has passed does not exist. ``entry.value`` is bytes, ``entry.text``
+        the value decoded as UTF-8. Retried on UNAVAILABLE.
+        """
+        response = self._call(self._stub.Get, _p.get_request(key), timeout=timeout, idempotent=True)
+        return _p.get_result(response)
+
+    def delete(
+        self,
+        key: str,
+        *,
+        prefix: bool = False,
+        allow_missing: bool = False,
+        if_mod_revision: int | None = None,
+        if_version: int | None = None,
+        return_previous: bool = False,
+        timeout: _p.Timeout = _p.DEFAULT,
+    ) -> DeleteResult:
+        """Delete ``key``, or with ``prefix=True`` every key that starts with it, and return a
+        DeleteResult (``deleted`` counts the keys removed).
+
+        An absent key raises :class:`KeyNotFound` unless ``allow_missing`` is set; a prefix that
+        matches nothing deletes nothing. ``if_mod_revision`` / ``if_version`` delete only if the
+        key exists with that mod_revision / version (else :class:`Conflict`; not with
+        ``prefix``). ``return_previous`` fills ``prev_entries`` with the removed keys and their
+        values. A delete is retried on UNAVAILABLE only when it is conditional on
+        ``if_mod_revision`` or ``if_version``.
+        """
+        request = _p.delete_request(
+            key,
+            prefix=prefix,
+            allow_missing=allow_missing,
+            if_mod_revision=if_mod_revision,
+            if_version=if_version,
+            return_previous=return_previous,
+        )
+        response = self._call(
+            self._stub.Delete,
+            request,
+            timeout=timeout,
+            idempotent=_p.delete_is_idempotent(request),
+        )
+        return _p.delete_result(response)
+
+    def list(
+        self,
+        prefix: str = "",
+        *,
+        start_key: str = "",
+        end_key: str = "",
+        keys_only: bool = False,
+        limit: int | None = None,
+        page_size: int | None = None,
+        include_count: bool = False,
+        timeout: _p.Timeout = _p.DEFAULT,
+    ) -> ListResult:
+        """List the keys under ``prefix`` (or in ``[start_key, end_key)``; everything by
+        default) in key byte order, walking all pages, and return a ListResult.
+
+        Every page is read at the same snapshot, whose revision is ``result.revision``; if the
+        snapshot expires during the walk (OUT_OF_RANGE), the listing starts over at a newer one.
+        ``keys_only`` leaves the values out, ``limit`` stops after that many entries,
+        ``page_size`` is the number of keys per call (default: the server's), ``include_count``
+        fills ``result.count`` with the size of the whole range. ``timeout`` applies to each
+        page; pages are retried on UNAVAILABLE.
+        """
+        walk = _p.ListWalk(
+            _p.list_request(
+                prefix,
+                start_key=start_key,
+                end_key=end_key,
+                page_size=page_size,
+                keys_only=keys_only,
+                include_count=include_count,
+            ),
+            limit,
+        )
+        while (request := walk.next_request()) is not None:
+            try:
+                response = self._call(self._stub.List, request, timeout=timeout, idempotent=True)
+            except HistoryCompacted as error:
+                walk.restart(error)
+                continue
+            walk.add(response)
+        return walk.result()
+
+    def status(self, *, timeout: _p.Timeout = _p.DEFAULT) -> ServerStatus:
+        """Return the server's ServerStatus: revision, version, store, key count and limits.
+
+        Retried on UNAVAILABLE.
+        """
+        response = self._call(self._stub.Status, kv_pb2.StatusRequest(), timeout=timeout, idempotent=True)
+        return _p.status_result(response)
+
+    def limits(self, *, timeout: _p.Timeout = _p.DEFAULT) -> Limits:
+        """Return the server's Limits (key and value sizes, page sizes, progress interval)."""
+        return self.status(timeout=timeout).limits
+
+    @overload
+    def watch(
+        self,
+        key: str = "",
+        *,
+        prefix: bool = False,
+        start_revision: int | None = None,
+        include_initial_state: bool = False,
+        include_previous: bool = False,
+        progress_interval: float | None = None,
+        progress: Literal[False] = False,
+    ) -> Watch[WatchEvent]: ...
+
+    @overload
+    def watch(
+        self,
+        key: str = "",
+        *,
+        prefix: bool = False,
+        start_revision: int | None = None,
+        include_initial_state: bool = False,
+        include_previous: bool = False,
+        progress_interval: float | None = None,
+        progress: Literal[True],
+    ) -> Watch[WatchEvent | WatchProgress]: ...
+
+    def watch(
+        self,
+        key: str = "",
+        *,
+        prefix: bool = False,
+        start_revision: int | None = None,
+        include_initial_state: bool = False,
+        include_previous: bool = False,
+        progress_interval: float | None = None,
+        progress: bool = False,
+    ) -> Watch[WatchEvent] | Watch[WatchEvent | WatchProgress]:
+        """Watch ``key``, or with ``prefix=True`` every key that starts with it (an empty
+        prefix watches every key), and return a watch to iterate for WatchEvents.
+
+        ``start_revision`` is the first revision to deliver (default: changes after the current
+        revision). ``include_initial_state`` first delivers the current entries as PUT events
+        with ``initial=True``, in key order (not with ``start_revision``). ``include_previous``
+        fills ``prev_entry``. ``progress_interval`` asks the server for a progress message
+        every so many seconds while no event arrives; with ``progress=True`` those are also
+        yielded as WatchProgress items. ``watch.revision`` is always the revision up to which
+        every matching event has been delivered.
+
+        The watch resumes by itself from the last delivered revision when the connection drops,
+        the server restarts or cancels the stream to shut down or for a slow consumer, without
+        losing or repeating an event; it gives up after ``RetryPolicy.watch_resume_timeout``
+        seconds without a message. It raises :class:`HistoryCompacted` (with
+        ``compact_revision``) when the history it needs is gone: list again and watch from the
+        listing's revision + 1. Nothing is sent before the first iteration, which raises the
+        error (e.g. :class:`Unavailable`) when the server cannot be reached at all. Close the
+        watch (or use it as a context manager) to stop it.
+        """
+        options = _p.watch_options(
+            key,
+            prefix=prefix,
+            start_revision=start_revision,
+            include_initial_state=include_initial_state,
+            include_previous=include_previous,
+            progress_interval=progress_interval,
+            progress=progress,
+        )
+        if self._closed:
+            raise KvError("the client is closed")
+        if progress:
+            watch_p: Watch[WatchEvent | WatchProgress] = Watch(self, options)
+            self._watches.add(watch_p)
+            return watch_p
+        watch: Watch[WatchEvent] = Watch(self, options)
+        self._watches.add(watch)
+        return watch
+
+
+class Watch(Generic[_Item]):
+    """A running watch, made by :meth:`Client.watch`: an iterator of events.
+
+    ``revision`` is the revision up to which every matching event has been delivered.
+    """
+
+    def __init__(self, client: Client, options: _p.WatchOptions) -> None:
+        self._client = client
+        self._tracker = _p.WatchTracker(options, client._retry)
+        self._call: grpc.CallIterator[kv_pb2.WatchResponse] | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+
+    @property
+    def revision(self) -> int:
+        """Every matching event up to this revision has been delivered (0 before any news)."""
+        return self._tracker.revision
+
+    @property
+    def closed(self) -> bool:
+        """True once the watch is closed (by ``close``, or by an error it raised)."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        o = self._tracker.options
+        return f"Watch(key={o.key!r}, prefix={o.prefix}, revision={self.revision})"
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the watch: a blocked iteration (in any thread) ends. Closing twice is fine."""
+        with self._lock:
+            self._closed = True
+            call, self._call = self._call, None
+        self._wake.set()
+        if call is not None:
+            call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+
+    def __next__(self) -> _Item:
+        try:
+            while True:
+                item = self._tracker.pop()
+                if item is not None:
+                    return item  # type: ignore[return-value]
+                if self._closed:
+                    raise StopIteration
+                self._step()
+        except StopIteration:
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    def _drop(self) -> None:
+        with self._lock:
+            call, self._call = self._call, None
+        if call is not None:
+            call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+
+    def _sleep(self, delay: float) -> None:
+        if delay > 0:
+            self._wake.wait(delay)
+
+    def _connect(self) -> grpc.CallIterator[kv_pb2.WatchResponse] | None:
+        tracker = self._tracker
+        if tracker.needs_status:
+            tracker.on_status(self._client.status().revision)
+        with self._lock:
+            if self._closed:
+                return None
+            self._call = self._client._stub.Watch(tracker.request(), metadata=self._client._metadata)
+            return self._call
+
+    def _step(self) -> None:
+        tracker = self._tracker
+        call = self._call or self._connect()
+        if call is None:
+            return
+        try:
+            message = next(iter(call))
+        except StopIteration:
+            self._drop()
+            if not self._closed:
+                self._sleep(tracker.on_end())
+            return
+        except grpc.RpcError as error:
+            self._drop()
+            if not self._closed:
+                self._sleep(tracker.on_error(error))
+            return
+        tracker.on_message(message)
+        if tracker.reconnect:
+            self._drop()
+            self._sleep(tracker.on_end())
