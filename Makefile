@@ -18,7 +18,7 @@ export KV_PORT ?= 50051
 export KV_REST_PORT ?= 8080
 export KV_ADMIN_PORT ?= 9901
 
-.PHONY: help setup generate check-generated descriptor polyglot-deps test-polyglot lint typecheck test test-fast run run-grpc bench verify fix clean
+.PHONY: help setup generate check-generated descriptor polyglot-deps test-polyglot test-hostile-long lint typecheck test test-fast run run-grpc bench verify fix clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -74,6 +74,12 @@ run: $(STAMP) $(DESCRIPTOR) ## Serve gRPC on :50051 and REST on :8080 (Envoy), S
 
 run-grpc: $(STAMP) ## Serve gRPC only, without the REST gateway
 	$(BIN)/kv-server
+
+KV_CRASH_CYCLES ?= 500
+KV_MODEL_EXAMPLES ?= 500
+
+test-hostile-long: $(STAMP) ## Fuzzing, store model and kill -9 loop, longer (needs root for the tmpfs)
+	KV_CRASH_CYCLES=$(KV_CRASH_CYCLES) KV_MODEL_EXAMPLES=$(KV_MODEL_EXAMPLES) $(BIN)/pytest tests/hostile --timeout=0
 
 BENCH_ARGS ?=
 

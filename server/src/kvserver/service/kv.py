@@ -28,6 +28,8 @@ from kvserver.service.pagination import Cursor, PageTokens, fingerprint
 from kvserver.store.base import Store
 
 _MAX_CONTENT_TYPE_CHARS = 256
+# 9999-12-31T23:59:59.999Z: the latest instant a google.protobuf.Timestamp (expire_time) can hold.
+_LATEST_DEADLINE_MS = 253_402_300_799_999
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,8 @@ class KvService:
             raise InvalidArgument("ttl_ms", "must not be negative")
         condition = _condition(conditions)
         expire_at = wall_clock_ms() + ttl_ms if ttl_ms else NO_EXPIRY
+        if expire_at > _LATEST_DEADLINE_MS:
+            raise InvalidArgument("ttl_ms", f"{ttl_ms} puts the deadline after the year 9999")
         if len(content_type) > _MAX_CONTENT_TYPE_CHARS:
             raise InvalidArgument("content_type", f"is longer than {_MAX_CONTENT_TYPE_CHARS} characters")
         op = PutOp(key, value, expire_at, condition, content_type)
