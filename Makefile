@@ -18,7 +18,7 @@ export KV_PORT ?= 50051
 export KV_REST_PORT ?= 8080
 export KV_ADMIN_PORT ?= 9901
 
-.PHONY: help setup generate check-generated descriptor polyglot-deps test-polyglot test-hostile-long lint typecheck test test-fast run run-grpc bench verify fix clean
+.PHONY: certs test-security test-e2e help setup generate check-generated descriptor polyglot-deps test-polyglot test-hostile-long cluster-deps cluster test-cluster lint typecheck test test-fast run run-grpc bench verify fix clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -31,20 +31,44 @@ $(STAMP): constraints.txt requirements-dev.txt clients/python/pyproject.toml ser
 
 setup: $(STAMP) ## Create .venv with the server, the client and the tools (pinned)
 
-generate: $(STAMP) polyglot-deps ## Regenerate every client's stubs from proto/ (pinned protoc and plugins)
+generate: $(STAMP) $(DESCRIPTOR) polyglot-deps ## Regenerate every client's stubs and docs/openapi from proto/
 	$(PY) scripts/generate.py
 	$(PY) scripts/generate_polyglot.py
+	$(PY) scripts/openapi.py
 
-check-generated: $(STAMP) ## Fail if the generated code is not what `make generate` writes
+check-generated: $(STAMP) $(DESCRIPTOR) ## Fail if the generated code is not what `make generate` writes
 	$(PY) scripts/generate.py --check
+	$(PY) scripts/openapi.py --check
 
 $(DESCRIPTOR): $(PROTO_FILES) $(STAMP)
 	$(PY) scripts/generate.py --descriptor $@
 
 descriptor: $(DESCRIPTOR) ## Build the descriptor set the REST gateway transcodes with
 
+cluster-deps: ## Install etcd 3.4 for cluster mode (Debian etcd-server, etcd-client; idempotent)
+	@command -v etcd >/dev/null && command -v etcdctl >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client; }
+
+NODES ?= 3
+CLUSTER_ARGS ?=
+
+cluster: $(STAMP) $(DESCRIPTOR) cluster-deps ## Local cluster: NODES etcd members, kv servers, REST gateways (NODES=3 or 5)
+	$(PY) scripts/cluster.py --nodes $(NODES) $(CLUSTER_ARGS)
+
+test-cluster: $(STAMP) $(DESCRIPTOR) cluster-deps ## Cluster tests: etcd store, cross-node REST reads, faults, watch resume
+	$(BIN)/pytest tests/cluster
+
 polyglot-deps: ## Install the TypeScript and Go toolchains (Debian packages, npm ci; idempotent)
 	scripts/install-polyglot-deps.sh
+
+certs: $(STAMP) ## Make a local CA, a server certificate (localhost, 127.0.0.1, ::1) and a client certificate in build/certs
+	$(PY) scripts/certs.py --out build/certs
+
+test-security: $(STAMP) $(DESCRIPTOR) ## TLS, tokens, limits, metrics (real kv-server and Envoy processes)
+	$(BIN)/pytest tests/security
+
+test-e2e: $(STAMP) $(DESCRIPTOR) ## REST end to end: the real Envoy in front of the real kv-server
+	$(BIN)/pytest tests/e2e
 
 test-polyglot: $(STAMP) $(DESCRIPTOR) polyglot-deps ## The contract from TypeScript, Go and grpcurl against a real server
 	$(BIN)/pytest tests/polyglot
@@ -62,11 +86,11 @@ lint: $(STAMP) ## ruff, layering contracts, buf lint and buf breaking
 typecheck: $(STAMP) ## mypy --strict over the server, the client and the tests
 	$(BIN)/mypy
 
-test: $(STAMP) $(DESCRIPTOR) polyglot-deps ## The whole test suite (what CI runs)
+test: $(STAMP) $(DESCRIPTOR) polyglot-deps cluster-deps ## The whole test suite (what CI runs)
 	$(MAKE) --no-print-directory check-generated lint typecheck
 	$(BIN)/pytest
 
-test-fast: $(STAMP) $(DESCRIPTOR) polyglot-deps ## The test suite without the slow crash and restart tests
+test-fast: $(STAMP) $(DESCRIPTOR) polyglot-deps cluster-deps ## The test suite without the slow crash and restart tests
 	$(BIN)/pytest -m "not slow"
 
 run: $(STAMP) $(DESCRIPTOR) ## Serve gRPC on :50051 and REST on :8080 (Envoy), SQLite store in ./data/kv.db

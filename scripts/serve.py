@@ -4,16 +4,27 @@
 
 Ports come from KV_PORT (gRPC, 50051), KV_REST_PORT (REST, 8080) and KV_ADMIN_PORT (Envoy's
 admin, 9901); KV_HOST is where kv-server listens. gateway/envoy.yaml is used as written, with
-only those ports substituted, from a copy in build/.
+only those ports substituted, from a copy in build/, and these settings (README, Security):
+
+    KV_REST_TLS_CERT, KV_REST_TLS_KEY   HTTPS on the REST port: Envoy terminates TLS
+    KV_REST_RATE_LIMIT, ..._BURST       requests a second through the gateway (default 1000,
+                                        bursts of twice that; 0: no limit); over it, 429
+    KV_GATEWAY_TLS_CA                   when kv-server serves TLS (--tls-cert): the CA that
+                                        signed its certificate, which must name
+                                        KV_GATEWAY_TLS_SERVER_NAME (default localhost)
+    KV_GATEWAY_TLS_CERT, ..._KEY        when kv-server asks for client certificates
+                                        (--tls-client-ca): Envoy's own
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +38,31 @@ DESCRIPTOR = ROOT / "build" / "kv.pb"
 _STOP_TIMEOUT_S = 15.0
 
 
-def render_gateway_config(grpc_port: int, rest_port: int, admin_port: int, out: Path) -> Path:
-    """gateway/envoy.yaml with the three ports replaced and the descriptor path made absolute."""
+@dataclass(frozen=True)
+class UpstreamTls:
+    """How Envoy reaches a kv-server that serves TLS: `ca` verifies its certificate, which must
+    name `server_name`; `cert` and `key` are Envoy's client certificate, for mutual TLS."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str = "localhost"
+
+
+def render_gateway_config(
+    grpc_port: int,
+    rest_port: int,
+    admin_port: int,
+    out: Path,
+    *,
+    rest_tls: tuple[Path, Path] | None = None,
+    upstream_tls: UpstreamTls | None = None,
+    rate_limit: tuple[int, int] | None = None,
+) -> Path:
+    """gateway/envoy.yaml with the three ports replaced and the descriptor path made absolute;
+    with `rest_tls` (certificate, key) the REST listener serves HTTPS, with `upstream_tls` Envoy
+    talks TLS to kv-server, and `rate_limit` (requests a second, burst) replaces the gateway's
+    rate limit (a rate of 0 removes it)."""
     config: dict[str, Any] = yaml.safe_load(GATEWAY_CONFIG.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
@@ -40,9 +74,108 @@ def render_gateway_config(grpc_port: int, rest_port: int, admin_port: int, out: 
     for http_filter in manager["http_filters"]:
         if http_filter["name"] == "envoy.filters.http.grpc_json_transcoder":
             http_filter["typed_config"]["proto_descriptor"] = str(DESCRIPTOR)
+    if rest_tls is not None:
+        listener["filter_chains"][0]["transport_socket"] = _downstream_tls(*rest_tls)
+    if upstream_tls is not None:
+        cluster["transport_socket"] = _upstream_tls(upstream_tls)
+    if rate_limit is not None:
+        _set_rate_limit(manager, *rate_limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(config, sort_keys=False))
     return out
+
+
+_TLS_SOCKET = "envoy.transport_sockets.tls"
+_TLS_TYPES = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+_RATE_LIMIT = "envoy.filters.http.local_ratelimit"
+
+
+def _certificate(cert: Path, key: Path) -> dict[str, Any]:
+    return {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+
+
+def _downstream_tls(cert: Path, key: Path) -> dict[str, Any]:
+    context = {"alpn_protocols": ["h2", "http/1.1"], "tls_certificates": [_certificate(cert, key)]}
+    return {
+        "name": _TLS_SOCKET,
+        "typed_config": {"@type": _TLS_TYPES + "DownstreamTlsContext", "common_tls_context": context},
+    }
+
+
+def _upstream_tls(tls: UpstreamTls) -> dict[str, Any]:
+    try:
+        ipaddress.ip_address(tls.server_name)
+        san_type, sni = "IP_ADDRESS", None
+    except ValueError:
+        san_type, sni = "DNS", tls.server_name
+    context: dict[str, Any] = {
+        "alpn_protocols": ["h2"],
+        "validation_context": {
+            "trusted_ca": {"filename": str(tls.ca)},
+            "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": tls.server_name}}],
+        },
+    }
+    if tls.cert is not None and tls.key is not None:
+        context["tls_certificates"] = [_certificate(tls.cert, tls.key)]
+    typed: dict[str, Any] = {"@type": _TLS_TYPES + "UpstreamTlsContext", "common_tls_context": context}
+    if sni is not None:
+        typed["sni"] = sni
+    return {"name": _TLS_SOCKET, "typed_config": typed}
+
+
+def _set_rate_limit(manager: dict[str, Any], per_second: int, burst: int) -> None:
+    filters: list[dict[str, Any]] = manager["http_filters"]
+    filters[:] = [http_filter for http_filter in filters if http_filter["name"] != _RATE_LIMIT]
+    if per_second <= 0:
+        return
+    bucket = {"max_tokens": max(burst, 1), "tokens_per_fill": per_second, "fill_interval": "1s"}
+    always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+    config = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "rest_rate_limit",
+        "token_bucket": bucket,
+        "filter_enabled": {"runtime_key": "kv.rate_limit.enabled", **always},
+        "filter_enforced": {"runtime_key": "kv.rate_limit.enforced", **always},
+        "rate_limited_as_resource_exhausted": True,
+    }
+    filters.insert(0, {"name": _RATE_LIMIT, "typed_config": config})
+
+
+def gateway_settings(
+    environ: dict[str, str], server_args: list[str]
+) -> tuple[tuple[Path, Path] | None, UpstreamTls | None, tuple[int, int] | None]:
+    """The REST TLS, upstream TLS and rate limit settings from the environment (see the module
+    documentation), given the flags kv-server runs with. Raises ValueError when they are wrong."""
+    rest_cert, rest_key = environ.get("KV_REST_TLS_CERT", ""), environ.get("KV_REST_TLS_KEY", "")
+    if bool(rest_cert) != bool(rest_key):
+        raise ValueError("KV_REST_TLS_CERT and KV_REST_TLS_KEY go together")
+    rest_tls = (Path(rest_cert).resolve(), Path(rest_key).resolve()) if rest_cert else None
+    rate_limit = None
+    if environ.get("KV_REST_RATE_LIMIT"):
+        per_second = int(environ["KV_REST_RATE_LIMIT"])
+        rate_limit = (per_second, int(environ.get("KV_REST_RATE_BURST") or 2 * per_second))
+    from kvserver.cli import load_config  # the settings kv-server itself will read
+
+    server = load_config(server_args, environ)
+    upstream = None
+    if server.tls_cert:
+        ca = environ.get("KV_GATEWAY_TLS_CA", "")
+        if not ca:
+            raise ValueError(
+                "kv-server serves TLS: set KV_GATEWAY_TLS_CA to the CA that signed its certificate"
+            )
+        cert, key = environ.get("KV_GATEWAY_TLS_CERT", ""), environ.get("KV_GATEWAY_TLS_KEY", "")
+        if server.tls_client_ca and not (cert and key):
+            raise ValueError(
+                "kv-server asks for client certificates: set KV_GATEWAY_TLS_CERT and KV_GATEWAY_TLS_KEY"
+            )
+        upstream = UpstreamTls(
+            Path(ca).resolve(),
+            Path(cert).resolve() if cert else None,
+            Path(key).resolve() if key else None,
+            environ.get("KV_GATEWAY_TLS_SERVER_NAME") or "localhost",
+        )
+    return rest_tls, upstream, rate_limit
 
 
 def envoy_command(config: Path) -> list[str]:
@@ -68,12 +201,26 @@ def main() -> int:
     if not DESCRIPTOR.exists():
         print(f"serve: {DESCRIPTOR} is missing: run `make descriptor` (or `make run`)", file=sys.stderr)
         return 2
-    config = render_gateway_config(grpc_port, rest_port, admin_port, RENDERED_CONFIG)
+    try:
+        rest_tls, upstream_tls, rate_limit = gateway_settings(dict(os.environ), sys.argv[1:])
+    except ValueError as error:
+        print(f"serve: {error}", file=sys.stderr)
+        return 2
+    config = render_gateway_config(
+        grpc_port,
+        rest_port,
+        admin_port,
+        RENDERED_CONFIG,
+        rest_tls=rest_tls,
+        upstream_tls=upstream_tls,
+        rate_limit=rate_limit,
+    )
     server = subprocess.Popen([str(BIN / "kv-server"), "--port", str(grpc_port), *sys.argv[1:]])
     gateway = subprocess.Popen(envoy_command(config))
+    scheme = "https" if rest_tls else "http"
     print(
         f"serve: gRPC on {os.environ.get('KV_HOST', '127.0.0.1')}:{grpc_port}, "
-        f"REST on http://127.0.0.1:{rest_port}, Envoy admin on 127.0.0.1:{admin_port}; Ctrl-C stops both",
+        f"REST on {scheme}://127.0.0.1:{rest_port}, Envoy admin on 127.0.0.1:{admin_port}; Ctrl-C stops both",
         file=sys.stderr,
     )
     stopping = False

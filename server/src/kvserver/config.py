@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-StoreKind = Literal["sqlite", "memory"]
+StoreKind = Literal["sqlite", "memory", "etcd"]
 SyncMode = Literal["full", "normal"]
 LogFormat = Literal["text", "json"]
 
@@ -37,6 +37,8 @@ class WatchSettings:
     progress_interval_ms: int = 5000
     # Events a stream may have pending before the server ends it as a slow consumer.
     buffer_events: int = 10_000
+    # Watch streams open at once on this server; one more is RESOURCE_EXHAUSTED. 0: no limit.
+    max_streams: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +57,21 @@ class Config:
     log_level: str = "INFO"
     # Signs List page tokens. Empty: a random secret per process (tokens end with the process).
     page_token_secret: str = ""
+    # TLS on the gRPC port (PEM files). No certificate: plaintext. A client CA: mutual TLS, every
+    # client must present a certificate it signed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Bearer tokens with roles (TOML, see README "Security"). Empty: no authentication.
+    auth_tokens: str = ""
+    # Seconds a unary call may run on the server before it is DEADLINE_EXCEEDED. 0: no limit.
+    request_timeout_s: float = 30.0
+    # Concurrent calls (HTTP/2 streams) on one client connection; more wait for a free one.
+    max_concurrent_streams: int = 1000
+    # Prometheus metrics over HTTP at http://metrics_host:metrics_port/metrics. Port 0: off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    # store "etcd" (cluster mode): the etcd members, "host:port,host:port", the local one first
+    # (serializable reads go to the first that answers), and where kv's keys live in etcd.
+    etcd_endpoints: str = "127.0.0.1:2379"
+    etcd_prefix: str = "kv/"

@@ -11,12 +11,16 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from kvserver.api.auth import load_authority
 from kvserver.api.compat import SERVICE_NAME as COMPAT_SERVICE_NAME
 from kvserver.api.compat import CompatServicer
+from kvserver.api.guard import Gate
 from kvserver.api.reflection import enable_reflection
 from kvserver.api.servicer import SERVICE_NAME, KeyValueServicer, ServerInfo
+from kvserver.api.tls import exposure_warnings, server_credentials
 from kvserver.config import Config
 from kvserver.domain import wall_clock_ms
+from kvserver.metrics import Metrics
 from kvserver.service.kv import KvService
 from kvserver.service.maintenance import Maintenance
 from kvserver.service.pagination import PageTokens
@@ -35,6 +39,12 @@ _HEALTH_CHECK_EVERY_S = 2.0
 async def open_store(config: Config) -> Store:
     if config.store == "memory":
         return MemoryStore()
+    if config.store == "etcd":
+        # Imported here so that the other stores do not need the etcd client installed. No read
+        # cache: reads go to etcd, linearizable, whichever kv server made the last change.
+        from kvserver.store.etcd import EtcdStore
+
+        return await EtcdStore.open(config.etcd_endpoints, prefix=config.etcd_prefix)
     store: Store = await SqliteStore.open(config.store_path, sync=config.sync)
     if config.cache_capacity > 0:
         store = CachedStore(store, config.cache_capacity)
@@ -53,6 +63,7 @@ class RunningServer:
     hub: WatchHub
     maintenance: Maintenance
     _health_task: asyncio.Task[None]
+    metrics: Metrics | None = None
 
     @property
     def address(self) -> str:
@@ -67,6 +78,8 @@ class RunningServer:
         await self.grpc_server.stop(grace)
         await self.maintenance.stop()
         await self.store.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         log.info("stopped")
 
     async def wait(self) -> None:
@@ -74,6 +87,9 @@ class RunningServer:
 
 
 async def start(config: Config) -> RunningServer:
+    # Settings that can be wrong are read before anything starts.
+    credentials = server_credentials(config)
+    authority = load_authority(config.auth_tokens)
     store = await open_store(config)
     hub = WatchHub(store, config.watch, config.limits)
     kv = KvService(store, config.limits, PageTokens(config.page_token_secret))
@@ -83,29 +99,41 @@ async def start(config: Config) -> RunningServer:
             # A second server on the same port must fail, not silently share it.
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", message_limit),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ]
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE_NAME, COMPAT_SERVICE_NAME, health.SERVICE_NAME])
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     info = ServerInfo(__version__, f"{config.host}:{port}/{os.getpid()}", wall_clock_ms(), config.watch)
+    metrics = Metrics() if config.metrics_port else None
+    # Every kv.v1 and compat call passes the gate (tokens, deadline, metrics); health and
+    # reflection do not: probes and tools reach them without a token.
+    gate = Gate(authority, config.request_timeout_s, metrics)
     server.add_generic_rpc_handlers(
         (
-            KeyValueServicer(kv, hub, info).handler(),
-            CompatServicer(kv, config.limits.max_all_keys).handler(),
+            gate.wrap(KeyValueServicer(kv, hub, info).handler()),
+            gate.wrap(CompatServicer(kv, config.limits.max_all_keys).handler()),
         )
     )
+    if metrics is not None:
+        metrics.watch_server(store, lambda: hub.active)
+        metrics.serve(config.metrics_host, config.metrics_port)
     await server.start()
     maintenance = Maintenance(store, config.history)
     maintenance.start()
     health_task = asyncio.create_task(_track_health(store, health_servicer), name="health")
     log.info("listening on %s:%d (store=%s, version=%s)", config.host, port, store.name, __version__)
-    if config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
-            "listening on %s without TLS: anyone who can reach this port can read and write", config.host
-        )
-    return RunningServer(config, port, store, server, health_servicer, hub, maintenance, health_task)
+    log.info(
+        "gRPC port %s, authentication %s",
+        "with mutual TLS" if config.tls_client_ca else "with TLS" if credentials else "in plaintext",
+        "by bearer token" if authority else "off",
+    )
+    for warning in exposure_warnings(config):
+        log.warning(warning)
+    return RunningServer(config, port, store, server, health_servicer, hub, maintenance, health_task, metrics)
 
 
 async def _track_health(store: Store, servicer: health.aio.HealthServicer) -> None:
@@ -113,7 +141,8 @@ async def _track_health(store: Store, servicer: health.aio.HealthServicer) -> No
     serving: bool | None = None
     while True:
         try:
-            await store.check()
+            async with asyncio.timeout(_HEALTH_CHECK_EVERY_S * 2):  # a hung store is unhealthy too
+                await store.check()
             healthy = True
         except Exception as error:
             healthy = False

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from kvserver.config import Config
 from kvserver.domain import (
     Compacted,
     CompactOp,
@@ -28,18 +30,33 @@ from kvserver.domain import (
 )
 from kvserver.server import open_store
 from kvserver.store.base import Store
-from kvtest import STORE_CONFIGS, server_config
+from kvtest import STORE_CONFIGS, EtcdServer, server_config
 
 EVERYTHING = KeyRange("", None)
 
 
-@pytest.fixture(params=list(STORE_CONFIGS))
+@pytest.fixture(params=[*STORE_CONFIGS, "etcd"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await open_store(server_config(tmp_path, request.param))
+    if request.param != "etcd":
+        opened = await open_store(server_config(tmp_path, request.param))
+        try:
+            yield opened
+        finally:
+            await opened.close()
+        return
+    # A fresh single-member etcd per test, stopped by PID.
+    if not EtcdServer.available():
+        pytest.fail("etcd is not installed: run `make cluster-deps` (Debian etcd-server)")
+    etcd = EtcdServer(tmp_path)
+    etcd.start()
     try:
-        yield opened
+        opened = await open_store(replace(Config(), store="etcd", etcd_endpoints=etcd.endpoint))
+        try:
+            yield opened
+        finally:
+            await opened.close()
     finally:
-        await opened.close()
+        etcd.stop()
 
 
 async def put(store: Store, key: str, value: bytes = b"v", **options: object) -> PutResult:

@@ -81,11 +81,11 @@ class CompatServicer:
     async def local_read(
         self, request: compat_pb2.LocalReadRequest, context: Context
     ) -> compat_pb2.LocalReadResponse:
-        entry = await self._read(request.key)
+        entry = await self._read(request.key, local=True)
         return compat_pb2.LocalReadResponse(key=entry.key, value=text_of(entry.value), version=entry.version)
 
-    async def _read(self, key: str) -> Entry:
-        _, entry = await self._kv.get(key)
+    async def _read(self, key: str, *, local: bool = False) -> Entry:
+        _, entry = await self._kv.get(key, local=local)
         return entry
 
     async def delete(self, request: compat_pb2.DeleteRequest, context: Context) -> compat_pb2.DeleteResponse:

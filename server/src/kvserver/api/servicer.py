@@ -44,11 +44,11 @@ class KeyValueServicer:
         self._info = info
 
     async def get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
-        revision, entry = await self._kv.get(request.key)
+        revision, entry = await self._kv.get(request.key, local=_is_local(request.consistency))
         return kv_pb2.GetResponse(header=convert.header(revision), entry=convert.entry_to_proto(entry))
 
     async def get_value(self, request: kv_pb2.GetValueRequest, context: Context) -> httpbody_pb2.HttpBody:
-        _, entry = await self._kv.get(request.key)
+        _, entry = await self._kv.get(request.key, local=_is_local(request.consistency))
         return httpbody_pb2.HttpBody(
             content_type=entry.content_type or DEFAULT_CONTENT_TYPE, data=entry.value
         )
@@ -149,6 +149,9 @@ class KeyValueServicer:
             progress_interval_ms=request.progress_interval_ms,
         )
         try:
+            self._hub.validate(spec)
+            # Headers at once: a REST client through the gateway gets its 200 before the first event.
+            await context.send_initial_metadata(())
             async for message in self._hub.watch(spec):
                 yield convert.watch_message_to_proto(message, with_previous=request.include_previous)
                 if message.cancel is not None:
@@ -176,6 +179,10 @@ class KeyValueServicer:
                 ),
             },
         )
+
+
+def _is_local(consistency: kv_pb2.Consistency) -> bool:
+    return bool(consistency == kv_pb2.CONSISTENCY_LOCAL)
 
 
 async def announce_created(context: Context, created: bool) -> None:

@@ -67,9 +67,11 @@ class KvService:
         self.limits = limits
         self._tokens = page_tokens
 
-    async def get(self, key: str) -> tuple[int, Entry]:
+    async def get(self, key: str, *, local: bool = False) -> tuple[int, Entry]:
+        """The key and the revision it was read at; `local` allows a replicated store to answer
+        from this server's copy (see Consistency in the contract)."""
         self.check_key(key)
-        revision, entry = await self.store.get(key, wall_clock_ms())
+        revision, entry = await self.store.get(key, wall_clock_ms(), serializable=local)
         if entry is None:
             raise KeyNotFound(key)
         return revision, entry

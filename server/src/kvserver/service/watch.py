@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kvserver.config import Limits, WatchSettings
-from kvserver.domain import Compacted, Entry, Event, InvalidArgument, KeyRange, wall_clock_ms
+from kvserver.domain import (
+    Compacted,
+    Entry,
+    Event,
+    InvalidArgument,
+    KeyRange,
+    ResourceExhausted,
+    wall_clock_ms,
+)
 from kvserver.store.base import Store
 
 _REPLAY_CHUNK = 1000
@@ -125,6 +133,8 @@ class WatchHub:
     async def watch(self, spec: WatchSpec) -> AsyncIterator[WatchMessage]:
         """The messages of one stream. After a message with `cancel`, the stream ends."""
         self.validate(spec)
+        if self._settings.max_streams and len(self._watchers) >= self._settings.max_streams:
+            raise ResourceExhausted(f"too many watch streams: the limit is {self._settings.max_streams}")
         watcher = _Watcher(spec.key_range(), self._settings.buffer_events, closing=self._closing)
         self._watchers.add(watcher)
         try:

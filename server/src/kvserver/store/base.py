@@ -32,8 +32,12 @@ class Store(Protocol):
 
     def add_listener(self, listener: EventListener) -> None: ...
 
-    async def get(self, key: str, now_ms: int) -> tuple[int, Entry | None]:
-        """The key's entry (None if absent or expired) and the revision it was read at."""
+    async def get(self, key: str, now_ms: int, *, serializable: bool = False) -> tuple[int, Entry | None]:
+        """The key's entry (None if absent or expired) and the revision it was read at.
+
+        `serializable` allows a replicated store to answer from its local copy without a round of
+        consensus; a store with one copy ignores it.
+        """
 
     async def write(self, op: WriteOp) -> WriteResult:
         """Apply one write. Raises KeyNotFound or ConditionFailed, and then changes nothing."""

@@ -38,6 +38,11 @@ class CachedStore:
     def compact_revision(self) -> int:
         return self._store.compact_revision
 
+    @property
+    def inner(self) -> Store:
+        """The store behind the cache."""
+        return self._store
+
     def add_listener(self, listener: EventListener) -> None:
         self._store.add_listener(listener)
 
@@ -46,7 +51,7 @@ class CachedStore:
             if event.key in self._entries:
                 self._entries[event.key] = event.entry
 
-    async def get(self, key: str, now_ms: int) -> tuple[int, Entry | None]:
+    async def get(self, key: str, now_ms: int, *, serializable: bool = False) -> tuple[int, Entry | None]:
         cached = self._entries.get(key, _MISSING)
         if not isinstance(cached, _Loading) and cached is not _MISSING:
             self.hits += 1

@@ -71,7 +71,7 @@ class MemoryStore:
         )
         return iterator
 
-    async def get(self, key: str, now_ms: int) -> tuple[int, Entry | None]:
+    async def get(self, key: str, now_ms: int, *, serializable: bool = False) -> tuple[int, Entry | None]:
         entry = self._entries.get(key)
         if entry is not None and entry.expired(now_ms):
             entry = None

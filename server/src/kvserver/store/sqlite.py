@@ -266,7 +266,7 @@ class SqliteStore:
 
     # Reads.
 
-    async def get(self, key: str, now_ms: int) -> tuple[int, Entry | None]:
+    async def get(self, key: str, now_ms: int, *, serializable: bool = False) -> tuple[int, Entry | None]:
         rows = await self._require(self._reader).query(
             "SELECT s.value, kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, "
             "kv.expire_at_ms, kv.content_type FROM kv_state s LEFT JOIN kv ON kv.key = ? "

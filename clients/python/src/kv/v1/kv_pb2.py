@@ -27,7 +27,7 @@ from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ekv/v1/kv.proto\x12\x05kv.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\"\n\x0eResponseHeader\x12\x10\n\x08revision\x18\x01 \x01(\x03\"\xce\x01\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x05value\x18\x02 \x01(\tH\x00\x12\x15\n\x0bvalue_bytes\x18\x03 \x01(\x0cH\x00\x12\x17\n\x0f\x63reate_revision\x18\x04 \x01(\x03\x12\x14\n\x0cmod_revision\x18\x05 \x01(\x03\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63ontent_type\x18\x08 \x01(\tB\t\n\x07\x63ontent\"\xb5\x01\n\x05\x45vent\x12\x1f\n\x04type\x18\x01 \x01(\x0e\x32\x11.kv.v1.Event.Type\x12\x1b\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x0c.kv.v1.Entry\x12 \n\nprev_entry\x18\x03 \x01(\x0b\x32\x0c.kv.v1.Entry\"L\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08TYPE_PUT\x10\x01\x12\x0f\n\x0bTYPE_DELETE\x10\x02\x12\x0f\n\x0bTYPE_EXPIRE\x10\x03\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"Q\n\x0bGetResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x1b\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x0c.kv.v1.Entry\"\xdf\x01\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x05value\x18\x02 \x01(\tH\x00\x12\x15\n\x0bvalue_bytes\x18\x03 \x01(\x0cH\x00\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\x03\x12\x11\n\tif_absent\x18\x05 \x01(\x08\x12\x12\n\nif_present\x18\x06 \x01(\x08\x12\x17\n\x0fif_mod_revision\x18\x07 \x01(\x03\x12\x12\n\nif_version\x18\x08 \x01(\x03\x12\x17\n\x0freturn_previous\x18\t \x01(\x08\x12\x14\n\x0c\x63ontent_type\x18\n \x01(\tB\t\n\x07\x63ontent\"\x1e\n\x0fGetValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\xa6\x01\n\x0fPutValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\x03\x12\x11\n\tif_absent\x18\x04 \x01(\x08\x12\x12\n\nif_present\x18\x05 \x01(\x08\x12\x17\n\x0fif_mod_revision\x18\x06 \x01(\x03\x12\x12\n\nif_version\x18\x07 \x01(\x03\"g\n\x10PutValueResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x1b\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x0c.kv.v1.Entry\"\x84\x01\n\x0bPutResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x1b\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x0c.kv.v1.Entry\x12 \n\nprev_entry\x18\x04 \x01(\x0b\x32\x0c.kv.v1.Entry\"\x89\x01\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\x08\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\x12\x17\n\x0fif_mod_revision\x18\x04 \x01(\x03\x12\x12\n\nif_version\x18\x05 \x01(\x03\x12\x17\n\x0freturn_previous\x18\x06 \x01(\x08\"l\n\x0e\x44\x65leteResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x03\x12\"\n\x0cprev_entries\x18\x03 \x03(\x0b\x32\x0c.kv.v1.Entry\"\x92\x01\n\x0bListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tstart_key\x18\x02 \x01(\t\x12\x0f\n\x07\x65nd_key\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x11\n\tkeys_only\x18\x06 \x01(\x08\x12\x15\n\rinclude_count\x18\x07 \x01(\x08\"|\n\x0cListResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x1d\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x0c.kv.v1.Entry\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\"\x9a\x01\n\x0cWatchRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\x08\x12\x16\n\x0estart_revision\x18\x03 \x01(\x03\x12\x1d\n\x15include_initial_state\x18\x04 \x01(\x08\x12\x18\n\x10include_previous\x18\x05 \x01(\x08\x12\x1c\n\x14progress_interval_ms\x18\x06 \x01(\x03\"\xbf\x01\n\rWatchResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x1c\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x0c.kv.v1.Event\x12%\n\x0finitial_entries\x18\x03 \x03(\x0b\x32\x0c.kv.v1.Entry\x12\x1e\n\x16initial_state_complete\x18\x04 \x01(\x08\x12\"\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x12.kv.v1.WatchCancel\"\xe3\x01\n\x0bWatchCancel\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.kv.v1.WatchCancel.Reason\x12\x18\n\x10\x63ompact_revision\x18\x02 \x01(\x03\x12\x17\n\x0fresume_revision\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"e\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10REASON_COMPACTED\x10\x01\x12\x18\n\x14REASON_SLOW_CONSUMER\x10\x02\x12\x13\n\x0fREASON_SHUTDOWN\x10\x03\"\x0f\n\rStatusRequest\"\xef\x01\n\x0eStatusResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12\r\n\x05store\x18\x04 \x01(\t\x12\x18\n\x10\x63ompact_revision\x18\x05 \x01(\x03\x12\x11\n\tkey_count\x18\x06 \x01(\x03\x12\x1d\n\x06limits\x18\x07 \x01(\x0b\x32\r.kv.v1.Limits\x12\x30\n\x0cstarted_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x01\n\x06Limits\x12\x15\n\rmax_key_bytes\x18\x01 \x01(\x03\x12\x17\n\x0fmax_value_bytes\x18\x02 \x01(\x03\x12\x19\n\x11\x64\x65\x66\x61ult_page_size\x18\x03 \x01(\x05\x12\x15\n\rmax_page_size\x18\x04 \x01(\x05\x12$\n\x1c\x64\x65\x66\x61ult_progress_interval_ms\x18\x05 \x01(\x03\x32\xb6\x05\n\x08KeyValue\x12\x45\n\x03Get\x12\x11.kv.v1.GetRequest\x1a\x12.kv.v1.GetResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/kv/{key=**}\x12\x64\n\x08GetValue\x12\x16.kv.v1.GetValueRequest\x1a\x14.google.api.HttpBody\"*\x82\xd3\xe4\x93\x02$\x12\x10/v1/raw/{key=**}Z\x10\x12\x0e/keys/{key=**}\x12H\n\x03Put\x12\x11.kv.v1.PutRequest\x1a\x12.kv.v1.PutResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x1a\x0f/v1/kv/{key=**}:\x01*\x12s\n\x08PutValue\x12\x16.kv.v1.PutValueRequest\x1a\x17.kv.v1.PutValueResponse\"6\x82\xd3\xe4\x93\x02\x30\x1a\x10/v1/raw/{key=**}:\x04\x62odyZ\x16\x1a\x0e/keys/{key=**}:\x04\x62ody\x12N\n\x06\x44\x65lete\x12\x14.kv.v1.DeleteRequest\x1a\x15.kv.v1.DeleteResponse\"\x17\x82\xd3\xe4\x93\x02\x11*\x0f/v1/kv/{key=**}\x12?\n\x04List\x12\x12.kv.v1.ListRequest\x1a\x13.kv.v1.ListResponse\"\x0e\x82\xd3\xe4\x93\x02\x08\x12\x06/v1/kv\x12W\n\x05Watch\x12\x13.kv.v1.WatchRequest\x1a\x14.kv.v1.WatchResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\t/v1/watch:\x01*Z\x0b\x12\t/v1/watch0\x01\x12T\n\x06Status\x12\x14.kv.v1.StatusRequest\x1a\x15.kv.v1.StatusResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\n/v1/statusZ\t\x12\x07/statusB1\n\tdev.kv.v1P\x01Z\"github.com/kv/kv/gen/go/kv/v1;kvv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ekv/v1/kv.proto\x12\x05kv.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\"\n\x0eResponseHeader\x12\x10\n\x08revision\x18\x01 \x01(\x03\"\xce\x01\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x05value\x18\x02 \x01(\tH\x00\x12\x15\n\x0bvalue_bytes\x18\x03 \x01(\x0cH\x00\x12\x17\n\x0f\x63reate_revision\x18\x04 \x01(\x03\x12\x14\n\x0cmod_revision\x18\x05 \x01(\x03\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63ontent_type\x18\x08 \x01(\tB\t\n\x07\x63ontent\"\xb5\x01\n\x05\x45vent\x12\x1f\n\x04type\x18\x01 \x01(\x0e\x32\x11.kv.v1.Event.Type\x12\x1b\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x0c.kv.v1.Entry\x12 \n\nprev_entry\x18\x03 \x01(\x0b\x32\x0c.kv.v1.Entry\"L\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08TYPE_PUT\x10\x01\x12\x0f\n\x0bTYPE_DELETE\x10\x02\x12\x0f\n\x0bTYPE_EXPIRE\x10\x03\"B\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x12.kv.v1.Consistency\"Q\n\x0bGetResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x1b\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x0c.kv.v1.Entry\"\xdf\x01\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x05value\x18\x02 \x01(\tH\x00\x12\x15\n\x0bvalue_bytes\x18\x03 \x01(\x0cH\x00\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\x03\x12\x11\n\tif_absent\x18\x05 \x01(\x08\x12\x12\n\nif_present\x18\x06 \x01(\x08\x12\x17\n\x0fif_mod_revision\x18\x07 \x01(\x03\x12\x12\n\nif_version\x18\x08 \x01(\x03\x12\x17\n\x0freturn_previous\x18\t \x01(\x08\x12\x14\n\x0c\x63ontent_type\x18\n \x01(\tB\t\n\x07\x63ontent\"G\n\x0fGetValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x12.kv.v1.Consistency\"\xa6\x01\n\x0fPutValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\x03\x12\x11\n\tif_absent\x18\x04 \x01(\x08\x12\x12\n\nif_present\x18\x05 \x01(\x08\x12\x17\n\x0fif_mod_revision\x18\x06 \x01(\x03\x12\x12\n\nif_version\x18\x07 \x01(\x03\"g\n\x10PutValueResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x1b\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x0c.kv.v1.Entry\"\x84\x01\n\x0bPutResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x1b\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x0c.kv.v1.Entry\x12 \n\nprev_entry\x18\x04 \x01(\x0b\x32\x0c.kv.v1.Entry\"\x89\x01\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\x08\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\x12\x17\n\x0fif_mod_revision\x18\x04 \x01(\x03\x12\x12\n\nif_version\x18\x05 \x01(\x03\x12\x17\n\x0freturn_previous\x18\x06 \x01(\x08\"l\n\x0e\x44\x65leteResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x03\x12\"\n\x0cprev_entries\x18\x03 \x03(\x0b\x32\x0c.kv.v1.Entry\"\x92\x01\n\x0bListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tstart_key\x18\x02 \x01(\t\x12\x0f\n\x07\x65nd_key\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x11\n\tkeys_only\x18\x06 \x01(\x08\x12\x15\n\rinclude_count\x18\x07 \x01(\x08\"|\n\x0cListResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x1d\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x0c.kv.v1.Entry\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\"\x9a\x01\n\x0cWatchRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\x08\x12\x16\n\x0estart_revision\x18\x03 \x01(\x03\x12\x1d\n\x15include_initial_state\x18\x04 \x01(\x08\x12\x18\n\x10include_previous\x18\x05 \x01(\x08\x12\x1c\n\x14progress_interval_ms\x18\x06 \x01(\x03\"\xbf\x01\n\rWatchResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x1c\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x0c.kv.v1.Event\x12%\n\x0finitial_entries\x18\x03 \x03(\x0b\x32\x0c.kv.v1.Entry\x12\x1e\n\x16initial_state_complete\x18\x04 \x01(\x08\x12\"\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x12.kv.v1.WatchCancel\"\xe3\x01\n\x0bWatchCancel\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.kv.v1.WatchCancel.Reason\x12\x18\n\x10\x63ompact_revision\x18\x02 \x01(\x03\x12\x17\n\x0fresume_revision\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"e\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10REASON_COMPACTED\x10\x01\x12\x18\n\x14REASON_SLOW_CONSUMER\x10\x02\x12\x13\n\x0fREASON_SHUTDOWN\x10\x03\"\x0f\n\rStatusRequest\"\xef\x01\n\x0eStatusResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.kv.v1.ResponseHeader\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12\r\n\x05store\x18\x04 \x01(\t\x12\x18\n\x10\x63ompact_revision\x18\x05 \x01(\x03\x12\x11\n\tkey_count\x18\x06 \x01(\x03\x12\x1d\n\x06limits\x18\x07 \x01(\x0b\x32\r.kv.v1.Limits\x12\x30\n\x0cstarted_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x01\n\x06Limits\x12\x15\n\rmax_key_bytes\x18\x01 \x01(\x03\x12\x17\n\x0fmax_value_bytes\x18\x02 \x01(\x03\x12\x19\n\x11\x64\x65\x66\x61ult_page_size\x18\x03 \x01(\x05\x12\x15\n\rmax_page_size\x18\x04 \x01(\x05\x12$\n\x1c\x64\x65\x66\x61ult_progress_interval_ms\x18\x05 \x01(\x03*_\n\x0b\x43onsistency\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONSISTENCY_LINEARIZABLE\x10\x01\x12\x15\n\x11\x43ONSISTENCY_LOCAL\x10\x02\x32\xb6\x05\n\x08KeyValue\x12\x45\n\x03Get\x12\x11.kv.v1.GetRequest\x1a\x12.kv.v1.GetResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/kv/{key=**}\x12\x64\n\x08GetValue\x12\x16.kv.v1.GetValueRequest\x1a\x14.google.api.HttpBody\"*\x82\xd3\xe4\x93\x02$\x12\x10/v1/raw/{key=**}Z\x10\x12\x0e/keys/{key=**}\x12H\n\x03Put\x12\x11.kv.v1.PutRequest\x1a\x12.kv.v1.PutResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x1a\x0f/v1/kv/{key=**}:\x01*\x12s\n\x08PutValue\x12\x16.kv.v1.PutValueRequest\x1a\x17.kv.v1.PutValueResponse\"6\x82\xd3\xe4\x93\x02\x30\x1a\x10/v1/raw/{key=**}:\x04\x62odyZ\x16\x1a\x0e/keys/{key=**}:\x04\x62ody\x12N\n\x06\x44\x65lete\x12\x14.kv.v1.DeleteRequest\x1a\x15.kv.v1.DeleteResponse\"\x17\x82\xd3\xe4\x93\x02\x11*\x0f/v1/kv/{key=**}\x12?\n\x04List\x12\x12.kv.v1.ListRequest\x1a\x13.kv.v1.ListResponse\"\x0e\x82\xd3\xe4\x93\x02\x08\x12\x06/v1/kv\x12W\n\x05Watch\x12\x13.kv.v1.WatchRequest\x1a\x14.kv.v1.WatchResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\t/v1/watch:\x01*Z\x0b\x12\t/v1/watch0\x01\x12T\n\x06Status\x12\x14.kv.v1.StatusRequest\x1a\x15.kv.v1.StatusResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\n/v1/statusZ\t\x12\x07/statusB1\n\tdev.kv.v1P\x01Z\"github.com/kv/kv/gen/go/kv/v1;kvv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,6 +51,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYVALUE'].methods_by_name['Watch']._serialized_options = b'\202\323\344\223\002\033\"\t/v1/watch:\001*Z\013\022\t/v1/watch'
   _globals['_KEYVALUE'].methods_by_name['Status']._loaded_options = None
   _globals['_KEYVALUE'].methods_by_name['Status']._serialized_options = b'\202\323\344\223\002\027\022\n/v1/statusZ\t\022\007/status'
+  _globals['_CONSISTENCY']._serialized_start=2915
+  _globals['_CONSISTENCY']._serialized_end=3010
   _globals['_RESPONSEHEADER']._serialized_start=115
   _globals['_RESPONSEHEADER']._serialized_end=149
   _globals['_ENTRY']._serialized_start=152
@@ -60,41 +62,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_TYPE']._serialized_start=466
   _globals['_EVENT_TYPE']._serialized_end=542
   _globals['_GETREQUEST']._serialized_start=544
-  _globals['_GETREQUEST']._serialized_end=569
-  _globals['_GETRESPONSE']._serialized_start=571
-  _globals['_GETRESPONSE']._serialized_end=652
-  _globals['_PUTREQUEST']._serialized_start=655
-  _globals['_PUTREQUEST']._serialized_end=878
-  _globals['_GETVALUEREQUEST']._serialized_start=880
-  _globals['_GETVALUEREQUEST']._serialized_end=910
-  _globals['_PUTVALUEREQUEST']._serialized_start=913
-  _globals['_PUTVALUEREQUEST']._serialized_end=1079
-  _globals['_PUTVALUERESPONSE']._serialized_start=1081
-  _globals['_PUTVALUERESPONSE']._serialized_end=1184
-  _globals['_PUTRESPONSE']._serialized_start=1187
-  _globals['_PUTRESPONSE']._serialized_end=1319
-  _globals['_DELETEREQUEST']._serialized_start=1322
-  _globals['_DELETEREQUEST']._serialized_end=1459
-  _globals['_DELETERESPONSE']._serialized_start=1461
-  _globals['_DELETERESPONSE']._serialized_end=1569
-  _globals['_LISTREQUEST']._serialized_start=1572
-  _globals['_LISTREQUEST']._serialized_end=1718
-  _globals['_LISTRESPONSE']._serialized_start=1720
-  _globals['_LISTRESPONSE']._serialized_end=1844
-  _globals['_WATCHREQUEST']._serialized_start=1847
-  _globals['_WATCHREQUEST']._serialized_end=2001
-  _globals['_WATCHRESPONSE']._serialized_start=2004
-  _globals['_WATCHRESPONSE']._serialized_end=2195
-  _globals['_WATCHCANCEL']._serialized_start=2198
-  _globals['_WATCHCANCEL']._serialized_end=2425
-  _globals['_WATCHCANCEL_REASON']._serialized_start=2324
-  _globals['_WATCHCANCEL_REASON']._serialized_end=2425
-  _globals['_STATUSREQUEST']._serialized_start=2427
-  _globals['_STATUSREQUEST']._serialized_end=2442
-  _globals['_STATUSRESPONSE']._serialized_start=2445
-  _globals['_STATUSRESPONSE']._serialized_end=2684
-  _globals['_LIMITS']._serialized_start=2687
-  _globals['_LIMITS']._serialized_end=2831
-  _globals['_KEYVALUE']._serialized_start=2834
-  _globals['_KEYVALUE']._serialized_end=3528
+  _globals['_GETREQUEST']._serialized_end=610
+  _globals['_GETRESPONSE']._serialized_start=612
+  _globals['_GETRESPONSE']._serialized_end=693
+  _globals['_PUTREQUEST']._serialized_start=696
+  _globals['_PUTREQUEST']._serialized_end=919
+  _globals['_GETVALUEREQUEST']._serialized_start=921
+  _globals['_GETVALUEREQUEST']._serialized_end=992
+  _globals['_PUTVALUEREQUEST']._serialized_start=995
+  _globals['_PUTVALUEREQUEST']._serialized_end=1161
+  _globals['_PUTVALUERESPONSE']._serialized_start=1163
+  _globals['_PUTVALUERESPONSE']._serialized_end=1266
+  _globals['_PUTRESPONSE']._serialized_start=1269
+  _globals['_PUTRESPONSE']._serialized_end=1401
+  _globals['_DELETEREQUEST']._serialized_start=1404
+  _globals['_DELETEREQUEST']._serialized_end=1541
+  _globals['_DELETERESPONSE']._serialized_start=1543
+  _globals['_DELETERESPONSE']._serialized_end=1651
+  _globals['_LISTREQUEST']._serialized_start=1654
+  _globals['_LISTREQUEST']._serialized_end=1800
+  _globals['_LISTRESPONSE']._serialized_start=1802
+  _globals['_LISTRESPONSE']._serialized_end=1926
+  _globals['_WATCHREQUEST']._serialized_start=1929
+  _globals['_WATCHREQUEST']._serialized_end=2083
+  _globals['_WATCHRESPONSE']._serialized_start=2086
+  _globals['_WATCHRESPONSE']._serialized_end=2277
+  _globals['_WATCHCANCEL']._serialized_start=2280
+  _globals['_WATCHCANCEL']._serialized_end=2507
+  _globals['_WATCHCANCEL_REASON']._serialized_start=2406
+  _globals['_WATCHCANCEL_REASON']._serialized_end=2507
+  _globals['_STATUSREQUEST']._serialized_start=2509
+  _globals['_STATUSREQUEST']._serialized_end=2524
+  _globals['_STATUSRESPONSE']._serialized_start=2527
+  _globals['_STATUSRESPONSE']._serialized_end=2766
+  _globals['_LIMITS']._serialized_start=2769
+  _globals['_LIMITS']._serialized_end=2913
+  _globals['_KEYVALUE']._serialized_start=3013
+  _globals['_KEYVALUE']._serialized_end=3707
 # @@protoc_insertion_point(module_scope)

@@ -12,6 +12,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONSISTENCY_UNSPECIFIED: _ClassVar[Consistency]
+    CONSISTENCY_LINEARIZABLE: _ClassVar[Consistency]
+    CONSISTENCY_LOCAL: _ClassVar[Consistency]
+CONSISTENCY_UNSPECIFIED: Consistency
+CONSISTENCY_LINEARIZABLE: Consistency
+CONSISTENCY_LOCAL: Consistency
+
 class ResponseHeader(_message.Message):
     __slots__ = ("revision",)
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -59,10 +68,12 @@ class Event(_message.Message):
     def __init__(self, type: _Optional[_Union[Event.Type, str]] = ..., entry: _Optional[_Union[Entry, _Mapping]] = ..., prev_entry: _Optional[_Union[Entry, _Mapping]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "consistency")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     key: str
-    def __init__(self, key: _Optional[str] = ...) -> None: ...
+    consistency: Consistency
+    def __init__(self, key: _Optional[str] = ..., consistency: _Optional[_Union[Consistency, str]] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("header", "entry")
@@ -97,10 +108,12 @@ class PutRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., value_bytes: _Optional[bytes] = ..., ttl_ms: _Optional[int] = ..., if_absent: _Optional[bool] = ..., if_present: _Optional[bool] = ..., if_mod_revision: _Optional[int] = ..., if_version: _Optional[int] = ..., return_previous: _Optional[bool] = ..., content_type: _Optional[str] = ...) -> None: ...
 
 class GetValueRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "consistency")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     key: str
-    def __init__(self, key: _Optional[str] = ...) -> None: ...
+    consistency: Consistency
+    def __init__(self, key: _Optional[str] = ..., consistency: _Optional[_Union[Consistency, str]] = ...) -> None: ...
 
 class PutValueRequest(_message.Message):
     __slots__ = ("key", "body", "ttl_ms", "if_absent", "if_present", "if_mod_revision", "if_version")
