@@ -1,4 +1,4 @@
-"""The examples of clients/python/USAGE.md, executed against a real server.
+"""The examples of clients/python/USAGE.md and of the README, executed against a real server.
 
 Every ```python block runs, in order, in its own interpreter against one fresh server (the
 address in the text replaced by the fixture's). The ```console blocks are shell sessions: every
@@ -21,7 +21,8 @@ import pytest
 
 from kvtest import ServerProcess
 
-USAGE = Path(__file__).resolve().parents[2] / "clients" / "python" / "USAGE.md"
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = {"usage": ROOT / "clients" / "python" / "USAGE.md", "readme": ROOT / "README.md"}
 DOC_ADDRESS = "127.0.0.1:50051"
 BIN = Path(sys.executable).parent
 
@@ -36,8 +37,8 @@ _MASKS = [
 ]
 
 
-def blocks(language: str) -> list[str]:
-    return [body for lang, body in _BLOCK.findall(USAGE.read_text()) if lang == language]
+def blocks(language: str, doc: str = "usage") -> list[str]:
+    return [body for lang, body in _BLOCK.findall(DOCS[doc].read_text()) if lang == language]
 
 
 def mask(text: str) -> list[str]:
@@ -54,9 +55,11 @@ def test_the_page_has_examples_of_both_kinds() -> None:
     assert len(blocks("console")) >= 4
 
 
-def test_python_examples_run(kv_server: ServerProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("doc", list(DOCS))
+def test_python_examples_run(kv_server: ServerProcess, tmp_path: Path, doc: str) -> None:
     env = {**os.environ}
-    for number, code in enumerate(blocks("python")):
+    assert blocks("python", doc)
+    for number, code in enumerate(blocks("python", doc)):
         assert DOC_ADDRESS in code or "def " in code
         done = subprocess.run(  # noqa: S603
             [sys.executable, "-c", code.replace(DOC_ADDRESS, kv_server.address)],
@@ -70,10 +73,10 @@ def test_python_examples_run(kv_server: ServerProcess, tmp_path: Path) -> None:
         assert done.stderr == b"", done.stderr.decode()
 
 
-def _sessions() -> list[tuple[str, list[str]]]:
+def _sessions(doc: str) -> list[tuple[str, list[str]]]:
     """(command, expected output lines) for every `$ ` line of the console blocks, in order."""
     steps: list[tuple[str, list[str]]] = []
-    for body in blocks("console"):
+    for body in blocks("console", doc):
         for line in body.splitlines():
             if line.startswith("$ "):
                 steps.append((line[2:], []))
@@ -106,12 +109,14 @@ def _watch(command: str, expected: list[str], env: dict[str, str], cwd: Path) ->
     return "".join(lines) + rest + "^C\n"
 
 
-def test_cli_examples_print_what_the_page_shows(kv_server: ServerProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("doc", list(DOCS))
+def test_cli_examples_print_what_the_page_shows(kv_server: ServerProcess, tmp_path: Path, doc: str) -> None:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("KV_TOKEN", None)
     env.pop("KV_ADDRESS", None)
     status = 0
-    for command, expected in _sessions():
+    assert _sessions(doc)
+    for command, expected in _sessions(doc):
         command = command.replace(DOC_ADDRESS, kv_server.address)
         if command.startswith("export "):
             name, _, value = command[len("export ") :].partition("=")
