@@ -52,10 +52,10 @@ cluster-deps: ## Install etcd 3.4 for cluster mode (Debian etcd-server, etcd-cli
 NODES ?= 3
 CLUSTER_ARGS ?=
 
-cluster: $(STAMP) $(DESCRIPTOR) cluster-deps ## Local cluster: NODES etcd members, kv servers, REST gateways (NODES=3 or 5)
+cluster: $(STAMP) $(DESCRIPTOR) cluster-deps ## Local cluster: NODES etcd members, kv servers, REST gateways and a front gateway over all of them (NODES=3 or 5)
 	$(PY) scripts/cluster.py --nodes $(NODES) $(CLUSTER_ARGS)
 
-test-cluster: $(STAMP) $(DESCRIPTOR) cluster-deps ## Cluster tests: etcd store, cross-node REST reads, faults, watch resume
+test-cluster: $(STAMP) $(DESCRIPTOR) cluster-deps ## Cluster tests: etcd store, cross-node REST reads, faults, watch resume, front gateway
 	$(BIN)/pytest tests/cluster
 
 polyglot-deps: ## Install the TypeScript and Go toolchains (Debian packages, npm ci; idempotent)

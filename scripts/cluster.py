@@ -1,6 +1,7 @@
 """Run a local kv cluster on loopback until Ctrl-C or SIGTERM, then stop every process it started.
 
     python scripts/cluster.py [--nodes 3] [--data-dir data/cluster] [--fresh] [--no-gateway]
+                              [--no-front]
 
 Node i (i = 1..N) is an etcd member (the N members form one Raft cluster), a `kv-server --store
 etcd` that talks to its own member first and to the others when it fails, and an Envoy REST
@@ -12,10 +13,13 @@ gateway in front of that kv server. Ports, for node i:
     REST          8080 + (i-1)
     Envoy admin   9901 + (i-1)
 
-The bases change with --etcd-port, --grpc-port, --rest-port and --admin-port. etcd's data and
-every log are in --data-dir (default data/cluster): without --fresh a second run continues with
-the same data. Every kv server gets the same page-token secret, so a listing started on one node
-continues on any other. The `LocalCluster` class is what tests/cluster uses.
+The bases change with --etcd-port, --grpc-port, --rest-port and --admin-port. One more Envoy, the
+front gateway (REST and gRPC on 8000, admin on 9900: --front-port, --front-admin-port), balances
+over all N kv servers, health-checks them over grpc.health.v1 and sends nothing to one that fails
+its checks (--no-front: none). etcd's data and every log are in --data-dir (default
+data/cluster): without --fresh a second run continues with the same data. Every kv server gets the
+same page-token secret, so a listing started on one node continues on any other. The
+`LocalCluster` class is what tests/cluster uses.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for scripts.serve when run as `python scripts/cluster.py`
 
-from scripts.serve import DESCRIPTOR, envoy_command, render_gateway_config  # noqa: E402
+from scripts.serve import DESCRIPTOR, HealthCheck, envoy_command, render_gateway_config  # noqa: E402
 
 BIN = Path(sys.executable).parent
 _LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
@@ -186,39 +190,125 @@ class Gateway:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def name(self) -> str:
+        return f"envoy-{self.index}"
+
+    @property
+    def rest_port(self) -> int:
+        return self.ports.rest
+
     def start(self) -> None:
         render_gateway_config(self.ports.grpc, self.ports.rest, self.ports.admin, self.config_path)
         self.process = _spawn(envoy_command(self.config_path), self.log_path)
 
     def ready(self) -> bool:
-        connection = http.client.HTTPConnection("127.0.0.1", self.ports.rest, timeout=2.0)
-        try:
-            connection.request("GET", "/health")
-            return connection.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            connection.close()
+        return _envoy_ready(self.rest_port)
 
     def wait_ready(self, deadline: float) -> None:
-        while self.process is not None and time.monotonic() < deadline and self.process.poll() is None:
-            if self.ready():
-                return
-            time.sleep(_POLL_S)
-        raise RuntimeError(f"gateway {self.index} did not become ready; its log:\n{_tail(self.log_path)}")
+        _wait_envoy_ready(self.name, self.process, self.rest_port, self.log_path, deadline)
+
+
+@dataclass(frozen=True)
+class FrontPorts:
+    rest: int = 8000
+    admin: int = 9900
+
+
+@dataclass(frozen=True)
+class UpstreamHost:
+    """One kv server as the front gateway's admin interface (/clusters) sees it."""
+
+    port: int
+    health_flags: str  # "healthy", or "/failed_active_hc" and the like
+    stats: dict[str, int]
+
+    @property
+    def healthy(self) -> bool:
+        return self.health_flags == "healthy"
+
+    @property
+    def failed_active_hc(self) -> bool:
+        return "failed_active_hc" in self.health_flags
+
+
+@dataclass
+class FrontGateway:
+    """The Envoy in front of every kv server: REST and gRPC on `ports.rest`, balanced over all of
+    `upstreams` (gRPC ports), each health-checked (`health_check`)."""
+
+    ports: FrontPorts
+    upstreams: Sequence[int]
+    config_path: Path
+    log_path: Path
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+    process: subprocess.Popen[bytes] | None = None
+    name = "envoy-front"
+
+    @property
+    def rest_port(self) -> int:
+        return self.ports.rest
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.ports.rest}"
+
+    def start(self) -> None:
+        render_gateway_config(
+            self.upstreams[0],
+            self.ports.rest,
+            self.ports.admin,
+            self.config_path,
+            upstreams=self.upstreams,
+            health_check=self.health_check,
+        )
+        self.process = _spawn(envoy_command(self.config_path), self.log_path)
+
+    def ready(self) -> bool:
+        return _envoy_ready(self.rest_port)
+
+    def wait_ready(self, deadline: float) -> None:
+        _wait_envoy_ready(self.name, self.process, self.rest_port, self.log_path, deadline)
+
+    def hosts(self, timeout: float = 2.0) -> dict[int, UpstreamHost]:
+        """Every upstream kv server by gRPC port: its health flags and Envoy's counters for it
+        (rq_total, rq_success, rq_error, cx_connect_fail, ...), from the admin's /clusters."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.ports.admin, timeout=timeout)
+        try:
+            connection.request("GET", "/clusters")
+            text = connection.getresponse().read().decode()
+        finally:
+            connection.close()
+        flags: dict[int, str] = {}
+        stats: dict[int, dict[str, int]] = {}
+        for line in text.splitlines():
+            # kv_grpc::127.0.0.1:50052::health_flags::/failed_active_hc
+            parts = line.split("::")
+            if len(parts) != 4 or parts[0] != "kv_grpc" or ":" not in parts[1]:
+                continue
+            port = int(parts[1].rsplit(":", 1)[1])
+            if parts[2] == "health_flags":
+                flags[port] = parts[3]
+            elif parts[3].isdigit():
+                stats.setdefault(port, {})[parts[2]] = int(parts[3])
+        return {port: UpstreamHost(port, flags[port], stats.get(port, {})) for port in flags}
 
 
 @dataclass
 class LocalCluster:
-    """N etcd members, N kv servers over them and (optionally) N REST gateways, on loopback."""
+    """N etcd members, N kv servers over them, (optionally) N REST gateways, one per kv server,
+    and (optionally, with `front`) the front gateway over all of them, on loopback."""
 
     directory: Path
     ports: list[NodePorts]
     gateways: bool = True
     kv_args: Sequence[str] = ()
+    front: FrontPorts | None = None
+    health_check: HealthCheck = field(default_factory=HealthCheck)
     members: list[EtcdMember] = field(default_factory=list)
     servers: list[KvNode] = field(default_factory=list)
     proxies: list[Gateway] = field(default_factory=list)
+    front_proxy: FrontGateway | None = None
 
     def __post_init__(self) -> None:
         logs = self.directory / "logs"
@@ -248,6 +338,19 @@ class LocalCluster:
                 self.proxies.append(
                     Gateway(i + 1, ports, self.directory / f"envoy-{i + 1}.yaml", logs / f"envoy-{i + 1}.log")
                 )
+        if self.front is not None:
+            self.front_proxy = FrontGateway(
+                self.front,
+                [ports.grpc for ports in self.ports],
+                self.directory / "envoy-front.yaml",
+                logs / "envoy-front.log",
+                self.health_check,
+            )
+
+    @property
+    def envoys(self) -> list[Gateway | FrontGateway]:
+        """The per-node gateways and the front gateway."""
+        return [*self.proxies, *([self.front_proxy] if self.front_proxy is not None else [])]
 
     @property
     def initial_cluster(self) -> str:
@@ -262,9 +365,9 @@ class LocalCluster:
                 server.start()
             for server in self.servers:
                 server.wait_ready(deadline)
-            for proxy in self.proxies:
+            for proxy in self.envoys:
                 proxy.start()
-            for proxy in self.proxies:
+            for proxy in self.envoys:
                 proxy.wait_ready(deadline)
         except BaseException:
             self.stop()
@@ -324,7 +427,7 @@ class LocalCluster:
         leader = self.leader() if any(member.alive() for member in self.members) else None
         followers = [m for i, m in enumerate(self.members) if i != leader]
         last = [self.members[leader]] if leader is not None else []
-        for group in (self.proxies, self.servers, followers, last):
+        for group in (self.envoys, self.servers, followers, last):
             processes = [node.process for node in group]
             for process in processes:
                 if process is not None and process.poll() is None:
@@ -337,7 +440,7 @@ class LocalCluster:
         named = [
             *((f"etcd-{i}", m.process) for i, m in enumerate(self.members, 1)),
             *((f"kv-{s.index}", s.process) for s in self.servers),
-            *((f"envoy-{p.index}", p.process) for p in self.proxies),
+            *((p.name, p.process) for p in self.envoys),
         ]
         return [name for name, process in named if process is not None and process.poll() is not None]
 
@@ -349,9 +452,35 @@ class LocalCluster:
             lines.append(
                 f"{i:<5} 127.0.0.1:{ports.etcd_client:<7} 127.0.0.1:{ports.grpc:<7} {rest:<23} {admin}"
             )
+        if self.front is not None:
+            lines.append(
+                f"front gateway (REST and gRPC, over every kv server, health-checked): "
+                f"http://127.0.0.1:{self.front.rest}, Envoy admin 127.0.0.1:{self.front.admin}"
+            )
         lines.append(f"etcd endpoints: {','.join(member.endpoint for member in self.members)}")
         lines.append(f"data and logs: {self.directory}")
         return "\n".join(lines)
+
+
+def _envoy_ready(rest_port: int) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", rest_port, timeout=2.0)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def _wait_envoy_ready(
+    name: str, process: subprocess.Popen[bytes] | None, rest_port: int, log_path: Path, deadline: float
+) -> None:
+    while process is not None and time.monotonic() < deadline and process.poll() is None:
+        if _envoy_ready(rest_port):
+            return
+        time.sleep(_POLL_S)
+    raise RuntimeError(f"{name} did not become ready; its log:\n{_tail(log_path)}")
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -367,11 +496,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "cluster")
     parser.add_argument("--fresh", action="store_true", help="delete --data-dir first")
-    parser.add_argument("--no-gateway", action="store_true", help="no Envoy REST gateways")
+    parser.add_argument("--no-gateway", action="store_true", help="no Envoy at all (no REST gateways)")
+    parser.add_argument("--no-front", action="store_true", help="no front gateway over every kv server")
     parser.add_argument("--etcd-port", type=int, default=2379)
     parser.add_argument("--grpc-port", type=int, default=50051)
     parser.add_argument("--rest-port", type=int, default=8080)
     parser.add_argument("--admin-port", type=int, default=9901)
+    parser.add_argument("--front-port", type=int, default=8000, help="the front gateway's REST and gRPC")
+    parser.add_argument("--front-admin-port", type=int, default=9900)
     args = parser.parse_args(argv)
     if not 1 <= args.nodes <= 9:
         parser.error("--nodes must be between 1 and 9")
@@ -396,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         rest_port=args.rest_port,
         admin_port=args.admin_port,
     )
-    cluster = LocalCluster(args.data_dir, ports, gateways=not args.no_gateway)
+    front = None if args.no_gateway or args.no_front else FrontPorts(args.front_port, args.front_admin_port)
+    cluster = LocalCluster(args.data_dir, ports, gateways=not args.no_gateway, front=front)
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:

@@ -49,6 +49,15 @@ HTTP_BODY = ".google.api.HttpBody"
 # The google.api.http option (typed loosely by the protobuf stubs).
 HTTP_OPTION: Any = annotations_pb2.http
 RAW_BODY: Schema = {"schema": {"type": "string", "format": "binary"}}
+# A raw response body is whatever bytes the value holds, with its own content type: in OpenAPI
+# 3.1 such content has no schema (a JSON value would fail `type: string`).
+RAW_RESPONSE: Schema = {}
+# google.api.HttpBody responses whose content is known: every pair as one JSON object.
+JSON_BODY_RESPONSES: dict[str, Schema] = {
+    "kv.compat.v1.CompatService.All": {
+        "application/json": {"schema": {"type": "object", "additionalProperties": {"type": "string"}}}
+    },
+}
 STATUS_REF = "#/components/schemas/google.rpc.Status"
 
 _SCALARS: dict[int, Schema] = {
@@ -350,7 +359,7 @@ class Generator:
             field = next(f for f in message.proto.field if f.name == binding.response_body)
             content = {"application/json": {"schema": self.field_schema(field)}}
         elif output == HTTP_BODY:
-            content = {"*/*": RAW_BODY}
+            content = JSON_BODY_RESPONSES.get(f"{service}.{method.name}", {"*/*": RAW_RESPONSE})
         else:
             content = {"application/json": {"schema": self.ref(output)}}
         if method.server_streaming:

@@ -18,12 +18,14 @@ only those ports substituted, from a copy in build/, and these settings (README,
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,20 @@ class UpstreamTls:
     server_name: str = "localhost"
 
 
+@dataclass(frozen=True)
+class HealthCheck:
+    """Envoy's active health check of each upstream kv-server (grpc.health.v1, the server as a
+    whole): every `interval_s`, an answer within `timeout_s`. A server is taken out at its first
+    answer other than SERVING (NOT_SERVING: draining, or its etcd has no quorum), or after
+    `unhealthy_threshold` checks in a row that got no answer (no connection, or `timeout_s`
+    passed); it is put back after `healthy_threshold` SERVING answers in a row."""
+
+    interval_s: float = 1.0
+    timeout_s: float = 1.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 2
+
+
 def render_gateway_config(
     grpc_port: int,
     rest_port: int,
@@ -58,11 +74,18 @@ def render_gateway_config(
     rest_tls: tuple[Path, Path] | None = None,
     upstream_tls: UpstreamTls | None = None,
     rate_limit: tuple[int, int] | None = None,
+    upstreams: Sequence[int] = (),
+    health_check: HealthCheck | None = None,
 ) -> Path:
     """gateway/envoy.yaml with the three ports replaced and the descriptor path made absolute;
     with `rest_tls` (certificate, key) the REST listener serves HTTPS, with `upstream_tls` Envoy
     talks TLS to kv-server, and `rate_limit` (requests a second, burst) replaces the gateway's
-    rate limit (a rate of 0 removes it)."""
+    rate limit (a rate of 0 removes it).
+
+    With `upstreams` (gRPC ports on the same host as `grpc_port`, which they replace) Envoy
+    balances over all of those kv-servers, round robin, and retries a request on another one when
+    that is safe (see _add_retries); with `health_check` too, it checks each of them and sends
+    nothing to one that fails its checks."""
     config: dict[str, Any] = yaml.safe_load(GATEWAY_CONFIG.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
@@ -80,6 +103,10 @@ def render_gateway_config(
         cluster["transport_socket"] = _upstream_tls(upstream_tls)
     if rate_limit is not None:
         _set_rate_limit(manager, *rate_limit)
+    if upstreams:
+        host = endpoint["address"]["socket_address"]["address"]
+        _balance(cluster, host, upstreams, health_check)
+        _add_retries(manager["route_config"]["virtual_hosts"][0], len(upstreams))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(config, sort_keys=False))
     return out
@@ -139,6 +166,99 @@ def _set_rate_limit(manager: dict[str, Any], per_second: int, burst: int) -> Non
         "rate_limited_as_resource_exhausted": True,
     }
     filters.insert(0, {"name": _RATE_LIMIT, "typed_config": config})
+
+
+def _balance(
+    cluster: dict[str, Any], host: str, ports: Sequence[int], health_check: HealthCheck | None
+) -> None:
+    """The upstream cluster: every port in `ports`, round robin, health-checked if asked. No
+    panic mode: while some servers pass their checks they take all the traffic, and when none
+    does a request fails at once with UNAVAILABLE (503) instead of going to a dead server."""
+    cluster["lb_policy"] = "ROUND_ROBIN"
+    cluster["load_assignment"]["endpoints"] = [
+        {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": p}}}}]}
+        for p in ports
+    ]
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0.0}}
+    # Envoy lets 3 retries be in flight per cluster by default; a server's death makes every
+    # request that was on its way there retry at once.
+    cluster["circuit_breakers"] = {"thresholds": [{"priority": "DEFAULT", "max_retries": 1024}]}
+    if health_check is None:
+        return
+    interval = f"{health_check.interval_s:g}s"
+    cluster["health_checks"] = [
+        {
+            "timeout": f"{health_check.timeout_s:g}s",
+            "interval": interval,
+            # An idle gateway checks as often as a busy one (Envoy's default is once a minute
+            # until the cluster has seen traffic).
+            "no_traffic_interval": interval,
+            "unhealthy_threshold": health_check.unhealthy_threshold,
+            "healthy_threshold": health_check.healthy_threshold,
+            "grpc_health_check": {},
+        }
+    ]
+
+
+# The RPCs that change nothing: Envoy may send them again, to another server, whatever happened
+# to the first attempt. (Routes are matched on the gRPC path, also for transcoded REST requests.)
+_READ_METHODS = (
+    "/kv.v1.KeyValue/Get",
+    "/kv.v1.KeyValue/GetValue",
+    "/kv.v1.KeyValue/List",
+    "/kv.v1.KeyValue/Status",
+    "/kv.compat.v1.CompatService/Get",
+    "/kv.compat.v1.CompatService/LocalRead",
+    "/kv.compat.v1.CompatService/All",
+    "/kv.compat.v1.CompatService/Health",
+)
+_WATCH_PREFIX = "/kv.v1.KeyValue/Watch"
+# Every request: only failures where the request never reached a kv-server. connect-failure: no
+# connection; refused-stream: HTTP/2 REFUSED_STREAM, which promises the server did not process
+# it; reset-before-request: the stream was reset before Envoy had sent all of the request.
+_SAFE_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+# Reads, and watches until the server has sent its response headers: also a reset after the
+# request went out (the server died mid-request) and UNAVAILABLE (a server draining or cut off
+# from etcd). A write that fails so may have been applied: writes are never retried on these,
+# the client decides.
+_READ_RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
+
+
+def _retry_policy(retry_on: str, upstreams: int) -> dict[str, Any]:
+    return {
+        "retry_on": retry_on,
+        "num_retries": max(1, min(3, upstreams - 1)),
+        # Each retry goes to a server that this request has not tried yet.
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 5,
+    }
+
+
+def _add_retries(virtual_host: dict[str, Any], upstreams: int) -> None:
+    """The safe retries for every route (the virtual host's policy), the read retries for the
+    routes of the read RPCs and of Watch (a route's own policy replaces the virtual host's)."""
+    virtual_host["retry_policy"] = _retry_policy(_SAFE_RETRY_ON, upstreams)
+    routes: list[dict[str, Any]] = virtual_host["routes"]
+    catch_all = next(
+        index for index, route in enumerate(routes) if route["match"] == {"prefix": "/", "grpc": {}}
+    )
+    reads = []
+    for method in _READ_METHODS:
+        route = copy.deepcopy(routes[catch_all])
+        route["match"] = {"path": method, "grpc": {}}
+        reads.append(route)
+    routes[catch_all:catch_all] = reads
+    for route in routes:
+        if route["match"].get("path") in _READ_METHODS or route["match"].get("prefix") == _WATCH_PREFIX:
+            route["route"]["retry_policy"] = _retry_policy(_READ_RETRY_ON, upstreams)
 
 
 def gateway_settings(

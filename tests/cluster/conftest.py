@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for scripts.cluster
 
-from scripts.cluster import BIN, LocalCluster, NodePorts  # noqa: E402
+from scripts.cluster import BIN, FrontPorts, LocalCluster, NodePorts  # noqa: E402
 from scripts.serve import DESCRIPTOR  # noqa: E402
 
 
@@ -89,3 +89,23 @@ async def stubs_factory() -> AsyncIterator[StubsFactory]:
     finally:
         for channel in channels:
             await channel.close(None)
+
+
+@pytest.fixture
+def front_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A 3-node cluster without per-node gateways, with the front gateway over its kv servers
+    (`cluster.front_proxy`, default health-check settings); stopped at the end of the test."""
+    if shutil.which("etcd") is None:
+        pytest.fail("etcd is not installed: run `make cluster-deps` (Debian etcd-server, etcd-client)")
+    if not (BIN / "envoy").exists() or not DESCRIPTOR.exists():
+        pytest.fail("the front gateway needs envoy in the venv and build/kv.pb: run `make descriptor`")
+    ports = free_ports(3)
+    taken = {port for node in ports for port in vars(node).values()}
+    front = list(dict.fromkeys(port for port in (free_port() for _ in range(20)) if port not in taken))
+    assert len(front) >= 2, "no free port for the front gateway"
+    cluster = LocalCluster(tmp_path / "cluster", ports, gateways=False, front=FrontPorts(front[0], front[1]))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
