@@ -460,3 +460,31 @@ def test_watch_option_rules() -> None:
         )  # fmt: skip
     assert _watch_options(progress_interval=0.25).progress_interval_ms == 250
     assert _watch_options(start_revision=0).start_revision is None
+
+
+@pytest.mark.parametrize(
+    ("given", "target"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1:50051"),
+        ("grpc://kv.example:50051", "kv.example:50051"),
+        ("127.0.0.1:50051,127.0.0.1:50052", "ipv4:127.0.0.1:50051,127.0.0.1:50052"),
+        (["127.0.0.1:1", " 127.0.0.2:2 "], "ipv4:127.0.0.1:1,127.0.0.2:2"),
+        (["[::1]:1", "[::1]:2"], "ipv6:[::1]:1,[::1]:2"),
+        (["localhost:7"], "localhost:7"),
+    ],
+)
+def test_targets_one_or_several(given: str | list[str], target: str) -> None:
+    assert p.normalize_target(given) == target
+
+
+def test_several_targets_share_one_round_robin_channel() -> None:
+    options = dict(p.channel_options(None, (), "ipv4:127.0.0.1:1,127.0.0.1:2"))
+    assert '"round_robin"' in options["grpc.service_config"]
+    assert options["grpc.default_authority"] == "127.0.0.1:1"
+    assert "grpc.service_config" not in dict(p.channel_options(None, (), "127.0.0.1:1"))
+
+
+@pytest.mark.parametrize("given", ["", [], "127.0.0.1:1,[::1]:2", "127.0.0.1:x,127.0.0.1:2"])
+def test_bad_targets_are_invalid_arguments(given: str | list[str]) -> None:
+    with pytest.raises(kvclient.InvalidArgument):
+        p.normalize_target(given)

@@ -10,6 +10,7 @@ import asyncio
 import builtins
 import contextlib
 import weakref
+from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Literal, Self, TypeVar, overload
 
@@ -57,7 +58,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str = _p.DEFAULT_TARGET,
+        target: str | Sequence[str] = _p.DEFAULT_TARGET,
         *,
         timeout: float | None = _p.DEFAULT_TIMEOUT,
         tls: Tls | bool = False,
@@ -70,7 +71,7 @@ class AsyncClient:
         self._tls = _p.normalize_tls(tls)
         self._metadata = _p.call_metadata(token)
         self._retry = retry or RetryPolicy()
-        self._options = _p.channel_options(self._tls, channel_options)
+        self._options = _p.channel_options(self._tls, channel_options, self._target)
         # grpc.aio channels belong to the event loop that makes them: made on first use.
         self._channel: grpc.aio.Channel | None = None
         self._stub_: KeyValueAsyncStub | None = None

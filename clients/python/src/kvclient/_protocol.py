@@ -7,8 +7,10 @@ watch state machine live here, so that the two clients differ only in how they w
 from __future__ import annotations
 
 import enum
+import json
 import math
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -157,7 +159,9 @@ def rpc_code(error: grpc.RpcError) -> grpc.StatusCode:
 # --------------------------------------------------------------------------- channel
 
 
-def channel_options(tls: Tls | None, extra: ChannelOptions = ()) -> list[tuple[str, Any]]:
+def channel_options(
+    tls: Tls | None, extra: ChannelOptions = (), target: str | None = None
+) -> list[tuple[str, Any]]:
     """The options of the client's channel: quick reconnection after a server restart."""
     options: dict[str, Any] = {
         "grpc.primary_user_agent": f"kv-client-python/{VERSION}",
@@ -167,6 +171,10 @@ def channel_options(tls: Tls | None, extra: ChannelOptions = ()) -> list[tuple[s
     }
     if tls is not None and tls.server_name:
         options["grpc.ssl_target_name_override"] = tls.server_name
+    if target is not None and is_multi_address(target):
+        options["grpc.service_config"] = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+        # The authority (and the TLS name, unless Tls.server_name says otherwise): the first server.
+        options["grpc.default_authority"] = target.split(":", 1)[1].split(",")[0]
     options.update(dict(extra))
     return list(options.items())
 
@@ -200,15 +208,58 @@ def call_metadata(token: str | None) -> Metadata:
     return (("authorization", f"Bearer {token}"),)
 
 
-def normalize_target(target: str) -> str:
-    """Accept ``host:port`` (and tolerate a leading ``grpc://``)."""
-    if not isinstance(target, str) or not target.strip():
+def normalize_target(target: str | Sequence[str]) -> str:
+    """The gRPC target for one ``host:port`` (a leading ``grpc://`` is tolerated), or for several
+    servers of one cluster, given as a list or separated by commas.
+
+    Several servers share one channel that spreads calls over them (round robin) and stops
+    using one that cannot be reached, so the client fails over by itself; the calls that were in
+    flight on a server that died fail UNAVAILABLE and are retried by the retry rule (reads and
+    revision-conditional writes). Their host names are resolved once, here.
+    """
+    parts = [target] if isinstance(target, str) else list(target)
+    if not all(isinstance(part, str) for part in parts):
+        raise InvalidArgument("target must be 'host:port' or a list of them")
+    addresses = [_strip_scheme(address) for part in parts for address in part.split(",") if address.strip()]
+    if not addresses:
         raise InvalidArgument("target must be a non-empty 'host:port' string")
-    target = target.strip()
+    if len(addresses) == 1:
+        return addresses[0]
+    return _multi_address_target(addresses)
+
+
+def _strip_scheme(address: str) -> str:
+    address = address.strip()
     for scheme in ("grpc://", "http://"):
-        if target.startswith(scheme):
-            return target[len(scheme) :]
-    return target
+        if address.startswith(scheme):
+            return address[len(scheme) :]
+    return address
+
+
+def _multi_address_target(addresses: list[str]) -> str:
+    """An ``ipv4:`` or ``ipv6:`` target naming every address (gRPC's static resolvers)."""
+    resolved: list[tuple[int, str, int]] = []
+    for address in addresses:
+        host, separator, port = address.rpartition(":")
+        if not separator or not port.isdigit() or not host:
+            raise InvalidArgument(f"target {address!r} is not 'host:port'")
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                host.strip("[]"), int(port), type=socket.SOCK_STREAM
+            )[0]
+        except socket.gaierror as error:
+            raise Unavailable(f"cannot resolve {host!r}: {error}") from None
+        resolved.append((family, str(sockaddr[0]), int(port)))
+    families = {family for family, _, _ in resolved}
+    if families == {socket.AF_INET}:
+        return "ipv4:" + ",".join(f"{ip}:{port}" for _, ip, port in resolved)
+    if families == {socket.AF_INET6}:
+        return "ipv6:" + ",".join(f"[{ip}]:{port}" for _, ip, port in resolved)
+    raise InvalidArgument("several targets must all be IPv4 or all IPv6 addresses")
+
+
+def is_multi_address(target: str) -> bool:
+    return target.startswith(("ipv4:", "ipv6:"))
 
 
 # --------------------------------------------------------------------------- requests

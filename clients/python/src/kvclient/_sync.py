@@ -6,6 +6,7 @@ import builtins
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Generic, Literal, Self, TypeVar, overload
 
@@ -48,7 +49,7 @@ class Client:
 
     def __init__(
         self,
-        target: str = _p.DEFAULT_TARGET,
+        target: str | Sequence[str] = _p.DEFAULT_TARGET,
         *,
         timeout: float | None = _p.DEFAULT_TIMEOUT,
         tls: Tls | bool = False,
@@ -61,7 +62,7 @@ class Client:
         self._tls = _p.normalize_tls(tls)
         self._metadata = _p.call_metadata(token)
         self._retry = retry or RetryPolicy()
-        options = _p.channel_options(self._tls, channel_options)
+        options = _p.channel_options(self._tls, channel_options, self._target)
         if self._tls is None:
             self._channel = grpc.insecure_channel(self._target, options)
         else:
