@@ -4,8 +4,19 @@
 #   etcd-client  -> etcdctl
 #   nghttp2-client -> h2load  (the gRPC unary load generator)
 #   wrk          -> wrk       (HTTP/1.1 load generator, for REST comparisons)
+# and, when the venv exists (VENV, default .venv), bench/requirements.txt into it (matplotlib
+# for the plot, py-spy for --profile), pinned.
 # Idempotent: running it again when everything is present does nothing.
 set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+VENV="${VENV:-.venv}"
+if [ -x "$VENV/bin/python" ]; then
+  if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null || [ ! -x "$VENV/bin/py-spy" ]; then
+    echo "bench deps: installing bench/requirements.txt into $VENV"
+    "$VENV/bin/python" -m pip install --quiet -c constraints.txt -r bench/requirements.txt
+  fi
+fi
 
 declare -A BINARY_OF=(
   [etcd-server]=etcd
@@ -23,7 +34,7 @@ for pkg in etcd-server etcd-client nghttp2-client wrk; do
 done
 
 if [ "${#missing[@]}" -eq 0 ]; then
-  echo "bench deps: all present (etcd, etcdctl, h2load, wrk)"
+  echo "bench deps: all present (etcd, etcdctl, h2load, wrk; matplotlib and py-spy in $VENV)"
   exit 0
 fi
 

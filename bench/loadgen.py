@@ -1,0 +1,224 @@
+"""Python load for what h2load cannot do: many different keys (h2load sends one fixed body).
+
+Run as worker processes (`python -m bench.loadgen ...`, one JSON line on stdout), started and
+collected by `run_workers`:
+
+    bulk    Puts of keys first..first+count-1 (bench/key/NNNNNNN), `concurrency` in flight
+    random  Gets or Puts of keys drawn uniformly from 1..keys for a fixed time, with latencies
+
+Both talk raw bytes through generic grpc.aio calls (no (de)serialisation on the client), on
+uvloop. Every call must succeed, and every Get must bring at least the value's bytes back (etcd
+answers a missing key with an empty OK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import uvloop
+
+if __package__ in (None, ""):  # run as a file: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.h2load import percentile
+from bench.systems import RPC_TIMEOUT_S, backend_for, bench_key, bench_value
+from bench.wire import BenchError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class WorkerResult:
+    """What one worker process reports."""
+
+    calls: int
+    errors: int
+    short: int  # Gets whose response was smaller than the value: the key was missing
+    started: float  # time.monotonic() (CLOCK_MONOTONIC: comparable across processes)
+    finished: float
+    latencies_ms: list[float]
+
+
+async def bulk(ns: argparse.Namespace) -> WorkerResult:
+    """Put keys first..first+count-1, `concurrency` at a time."""
+    backend = backend_for(ns.system)
+    indices = iter(range(ns.first, ns.first + ns.count))
+    errors = 0
+
+    async def worker(call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]) -> None:
+        nonlocal errors
+        for index in indices:
+            key = bench_key(index)
+            try:
+                await call(backend.put_request(key, bench_value(key, ns.value_size)), timeout=RPC_TIMEOUT_S)
+            except grpc.RpcError:
+                errors += 1
+
+    async with grpc.aio.insecure_channel(ns.address) as channel:
+        call = channel.unary_unary(backend.put_method, None, None)
+        await channel.channel_ready()
+        started = time.monotonic()
+        await asyncio.gather(*(worker(call) for _ in range(ns.concurrency)))
+        finished = time.monotonic()
+    return WorkerResult(ns.count, errors, 0, started, finished, [])
+
+
+async def random_ops(ns: argparse.Namespace) -> WorkerResult:
+    """Gets or Puts of uniformly random keys for ns.seconds (after ns.warmup unmeasured seconds)."""
+    backend = backend_for(ns.system)
+    rng = random.Random(ns.seed)  # noqa: S311 - load, not secrets
+    latencies: list[float] = []
+    errors = short = 0
+    method = backend.get_method if ns.op == "get" else backend.put_method
+
+    def request() -> bytes:
+        key = bench_key(rng.randint(1, ns.keys))
+        if ns.op == "get":
+            return backend.get_request(key)
+        return backend.put_request(key, bench_value(key, ns.value_size))
+
+    async def worker(
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], measure_from: float, end: float
+    ) -> None:
+        nonlocal errors, short
+        for _ in range(10_000_000):  # bounded; ends at `end`
+            body = request()
+            began = time.perf_counter()
+            if began >= end:
+                return
+            try:
+                response = await call(body, timeout=RPC_TIMEOUT_S)
+            except grpc.RpcError:
+                errors += 1
+                continue
+            took = time.perf_counter() - began
+            if ns.op == "get" and len(response) < ns.value_size:
+                short += 1
+            if began >= measure_from:
+                latencies.append(took * 1000)
+
+    async with grpc.aio.insecure_channel(ns.address) as channel:
+        call = channel.unary_unary(method, None, None)
+        await channel.channel_ready()
+        now = time.perf_counter()
+        measure_from, end = now + ns.warmup, now + ns.warmup + ns.seconds
+        started = time.monotonic() + ns.warmup
+        await asyncio.gather(*(worker(call, measure_from, end) for _ in range(ns.concurrency)))
+        finished = time.monotonic()
+    return WorkerResult(len(latencies), errors, short, started, finished, latencies)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("bulk", "random"))
+    p.add_argument("--system", choices=("kv", "etcd"), required=True)
+    p.add_argument("--address", required=True)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--value-size", type=int, default=100)
+    p.add_argument("--first", type=int, default=1, help="bulk: first key index")
+    p.add_argument("--count", type=int, default=0, help="bulk: keys to write")
+    p.add_argument("--op", choices=("get", "put"), default="get", help="random: the operation")
+    p.add_argument("--keys", type=int, default=0, help="random: keys 1..keys exist")
+    p.add_argument("--seconds", type=float, default=5.0, help="random: measured seconds")
+    p.add_argument("--warmup", type=float, default=1.0, help="random: seconds before measuring")
+    p.add_argument("--seed", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    runner = bulk if ns.mode == "bulk" else random_ops
+    result = uvloop.run(runner(ns))
+    print(json.dumps(result.__dict__))
+    return 0
+
+
+# --------------------------------------------------------------------------- the parent's side
+
+
+@dataclass
+class Combined:
+    """The workers' results together."""
+
+    calls: int
+    errors: int
+    short: int
+    seconds: float  # from the first worker's start to the last one's end
+    per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    processes: int
+    client_cpu_cores: float  # CPU the worker processes used over `seconds`
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def run_workers(args: Sequence[Sequence[str]], timeout_s: float) -> Combined:
+    """Start one worker process per argument list at once, wait for all, combine their results."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen", *arg],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO_ROOT,
+            env=env,
+        )
+        for arg in args
+    ]
+    results: list[WorkerResult] = []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    deadline = time.monotonic() + timeout_s
+    try:
+        for proc in procs:
+            try:
+                out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+            except subprocess.TimeoutExpired as exc:
+                raise BenchError(f"a load worker did not finish within {timeout_s:g} s") from exc
+            if proc.returncode != 0:
+                raise BenchError(
+                    f"load worker exited with {proc.returncode}:\n{err.decode(errors='replace')}"
+                )
+            results.append(WorkerResult(**json.loads(out)))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # Only these workers end in this interval: the CPU of children reaped meanwhile is theirs.
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    started = min(r.started for r in results)
+    seconds = max(r.finished for r in results) - started
+    latencies = sorted(value for r in results for value in r.latencies_ms)
+    calls = sum(r.calls for r in results)
+    return Combined(
+        calls=calls,
+        errors=sum(r.errors for r in results),
+        short=sum(r.short for r in results),
+        seconds=seconds,
+        per_s=calls / seconds if seconds > 0 else 0.0,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        processes=len(procs),
+        client_cpu_cores=cpu / seconds if seconds > 0 else 0.0,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
