@@ -5,6 +5,9 @@ collected by `run_workers`:
 
     bulk    Puts of keys first..first+count-1 (bench/key/NNNNNNN), `concurrency` in flight
     random  Gets or Puts of keys drawn uniformly from 1..keys for a fixed time, with latencies
+    paced   Gets or Puts of one key at a fixed rate, evenly spaced, open loop: the latency of
+            each call counts from when it was due (h2load --rps sends its calls in bursts of
+            about 10 every 10 ms, which adds the burst's queueing to every latency)
 
 Both talk raw bytes through generic grpc.aio calls (no (de)serialisation on the client), on
 uvloop. Every call must succeed, and every Get must bring at least the value's bytes back (etcd
@@ -122,9 +125,50 @@ async def random_ops(ns: argparse.Namespace) -> WorkerResult:
     return WorkerResult(len(latencies), errors, short, started, finished, latencies)
 
 
+async def paced(ns: argparse.Namespace) -> WorkerResult:
+    """One key at ns.rate calls a second, evenly spaced, for ns.warmup + ns.seconds."""
+    backend = backend_for(ns.system)
+    if ns.op == "get":
+        method, request = backend.get_method, backend.get_request(ns.key)
+    else:
+        method, request = backend.put_method, backend.put_request(ns.key, bench_value(ns.key, ns.value_size))
+    latencies: list[float] = []
+    errors = short = 0
+    warm_n = round(ns.warmup * ns.rate)
+    total = warm_n + round(ns.seconds * ns.rate)
+
+    async def one(call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], index: int, due: float) -> None:
+        nonlocal errors, short
+        try:
+            response = await call(request, timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError:
+            errors += 1
+            return
+        if ns.op == "get" and len(response) < ns.value_size:
+            short += 1
+        if index >= warm_n:
+            latencies.append((time.perf_counter() - due) * 1000)
+
+    async with grpc.aio.insecure_channel(ns.address) as channel:
+        call = channel.unary_unary(method, None, None)
+        await channel.channel_ready()
+        tasks = []
+        start = time.perf_counter()
+        started = time.monotonic() + ns.warmup
+        for index in range(total):
+            due = start + index / ns.rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(call, index, due)))
+        await asyncio.gather(*tasks)
+        finished = time.monotonic()
+    return WorkerResult(len(latencies), errors, short, started, finished, latencies)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("bulk", "random"))
+    p.add_argument("mode", choices=("bulk", "random", "paced"))
     p.add_argument("--system", choices=("kv", "etcd"), required=True)
     p.add_argument("--address", required=True)
     p.add_argument("--concurrency", type=int, default=64)
@@ -136,12 +180,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=5.0, help="random: measured seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="random: seconds before measuring")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rate", type=float, default=1000.0, help="paced: calls a second")
+    p.add_argument("--key", default="", help="paced: the key")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
-    runner = bulk if ns.mode == "bulk" else random_ops
+    runner = {"bulk": bulk, "random": random_ops, "paced": paced}[ns.mode]
     result = uvloop.run(runner(ns))
     print(json.dumps(result.__dict__))
     return 0

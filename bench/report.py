@@ -61,6 +61,11 @@ class Summary:
         load = self.load(system, op, label)
         return (None, None) if load is None else (load["p50_ms"], load["p99_ms"])
 
+    def paced(self, system: str, op: str) -> dict[str, Any] | None:
+        return next(
+            (p for p in self.data.get("paced", []) if (p["system"], p["operation"]) == (system, op)), None
+        )
+
     def rest(self, system: str) -> dict[str, Any] | None:
         return next((r for r in self.data.get("rest", []) if r["system"] == system), None)
 
@@ -121,9 +126,12 @@ class Summary:
         for op, title in (("get", "Get"), ("put", "Put")):
             e_at, k_at = self.load("etcd", op, "rate-1000"), self.load("kv", op, "rate-1000")
             if e_at or k_at:
-                out.append(
-                    (f"{title} p99 ms at 1,000 req/s (rate achieved)", at_rate(e_at), at_rate(k_at), "")
-                )
+                title_h = f"{title} p99 ms at 1,000 req/s, h2load --rps (rate achieved)"
+                out.append((title_h, at_rate(e_at), at_rate(k_at), ""))
+            e_p, k_p = self.paced("etcd", op), self.paced("kv", op)
+            if e_p or k_p:
+                title_p = f"{title} p50 / p99 ms at 1,000 req/s evenly paced (Python client)"
+                out.append((title_p, lat_pair(e_p), lat_pair(k_p), ""))
         e_bulk, k_bulk = self.bulk("etcd"), self.bulk("kv")
         if e_bulk or k_bulk:
             out.append(
@@ -169,13 +177,21 @@ class Summary:
         versus("bulk load keys/s", self.bulk("kv"), self.bulk("etcd"), 1.0)
         for op, title, limit in (("get", "Get", 2.0), ("put", "durable Put", 5.0)):
             name, goal = f"{title} p99 at 1,000 req/s", f"< {limit:g} ms"
-            load = self.load("kv", op, "rate-1000")
-            if load is None:
+            load, even = self.load("kv", op, "rate-1000"), self.paced("kv", op)
+            if load is None and even is None:
                 out.append(Target(name, goal, "-", None))
                 continue
-            achieved, p99 = float(load["requests_per_s"]), load["p99_ms"]
-            met = achieved >= 950 and p99 is not None and p99 < limit
-            out.append(Target(name, goal, f"{fmt(p99)} ms at {achieved:,.0f} req/s", met))
+            texts: list[str] = []
+            met = False
+            if even is not None:  # judged on evenly paced calls: h2load's bursts add their own queueing
+                texts.append(f"evenly paced {fmt(even['p99_ms'])} ms at {even['per_s']:,.0f}/s")
+                met = even["per_s"] >= 950 and even["p99_ms"] is not None and even["p99_ms"] < limit
+            if load is not None:
+                achieved, p99 = float(load["requests_per_s"]), load["p99_ms"]
+                texts.append(f"h2load --rps {fmt(p99)} ms at {achieved:,.0f} req/s")
+                if even is None:
+                    met = achieved >= 950 and p99 is not None and p99 < limit
+            out.append(Target(name, goal, "; ".join(texts), met))
         for op, title in (("get", "Get"), ("put", "Put")):
             name = f"{title} throughput at {big} keys vs {self.cfg['keys']:,}"
             hot = ratio(self.rps("kv", op, "saturated-big"), self.rps("kv", op))
@@ -264,6 +280,11 @@ class Summary:
             result = f"{b['keys']:,} keys in {b['seconds']:.1f} s, {b['keys_per_s']:,.0f} keys/s, "
             result += f"server {b['server_cpu_cores']:.2f} cores, client {b['client_cpu_cores']:.2f}"
             row(system, f"bulk load, {b['processes']} processes", result, b["loadavg_1m"], b["command"])
+        for r in self.data.get("paced", []):
+            result = f"{r['per_s']:,.0f}/s, {lat_text(r)} from when each call was due"
+            result += f", client {r['client_cpu_cores']:.2f}"
+            what = f"{r['operation']} evenly paced at {r['rate']:,.0f}/s"
+            row(r["system"], what, result, r["loadavg_1m"], r["command"])
         for r in self.data.get("random", []):
             result = f"{r['per_s']:,.0f}/s, {lat_text(r)}, server {r['server_cpu_cores']} cores, "
             result += f"client {r['client_cpu_cores']:.2f}"

@@ -8,7 +8,8 @@ are measured back to back, one system after the other for each measurement:
     put      kv Put (durable)         vs etcd Put                               h2load, saturated
     list     kv List page_size=100    vs etcd Range over the prefix, limit 100  h2load, saturated
     rest     kv GET /v1/kv/{key} through Envoy, and etcd's JSON gateway         wrk
-    sweep    get and put at fixed rates (h2load --rps): latency against throughput, the PNG
+    sweep    get and put at fixed rates (h2load --rps): latency against throughput, the PNG;
+             and both at 1,000/s evenly paced (a Python client: h2load's --rps comes in bursts)
     watch    1,000 streams on one prefix, one writer at 100 and 1,000 writes/s: delivery latency
     bulk     the store grows from --keys to --big-keys keys by concurrent Puts: keys/s
     scale    get and put at --keys and at --big-keys keys: h2load on one key, and a Python
@@ -23,7 +24,7 @@ each see every write once, in order. A failed check makes the run exit with stat
 Usage (from the repository root, with the project's venv):
 
     bench/install-deps.sh                      # etcd, h2load, wrk; matplotlib and py-spy in the venv
-    .venv/bin/python bench/run.py              # everything (about 12 minutes); updates docs/benchmarks.md
+    .venv/bin/python bench/run.py              # everything (about 9 minutes); updates docs/benchmarks.md
     .venv/bin/python bench/run.py --quick      # a smoke run: a few seconds per measurement
     .venv/bin/python bench/run.py --only get,put,sweep --no-docs
     .venv/bin/python bench/run.py --profile    # py-spy profiles of kv-server during its runs
@@ -96,6 +97,7 @@ LIST_PAGE = 100
 # A rate above this share of the system's saturated throughput is not swept: the saturated run
 # is the last point of its curve.
 SWEEP_MAX_SHARE = 0.9
+PACED_RATE = 1000.0
 
 
 # --------------------------------------------------------------------------- configuration
@@ -438,7 +440,7 @@ class Bench:
         self.cfg = cfg
         self.running = running
         self.measurements: list[Measurement] = []
-        self.extra: dict[str, Any] = {"rest": [], "watch": [], "bulk": {}, "random": []}
+        self.extra: dict[str, Any] = {"rest": [], "watch": [], "bulk": {}, "random": [], "paced": []}
 
     def saturated(self, op: str, label: str = "saturated") -> None:
         for run in self.running:
@@ -458,6 +460,34 @@ class Bench:
                     shape = sweep_shape(self.cfg, rate)
                     secs = self.cfg.sweep_seconds
                     self.measurements.append(measure(run, op, self.cfg, f"rate-{rate:g}", shape, secs, 0.5))
+                self.paced(run, op, PACED_RATE)
+
+    def paced(self, run: Running, op: str, rate: float) -> None:
+        """The same one-key calls at `rate`, evenly spaced (python -m bench.loadgen paced)."""
+        cfg = self.cfg
+        _, _, key, _ = request_for(run.backend, op, run, cfg)
+        args = ["paced", "--system", run.backend.name, "--address", run.server.address, "--op", op]
+        args += [
+            "--key",
+            key,
+            "--rate",
+            f"{rate:g}",
+            "--seconds",
+            f"{cfg.sweep_seconds:g}",
+            "--warmup",
+            "0.5",
+        ]
+        args += ["--value-size", str(cfg.value_size)]
+        loadavg = os.getloadavg()[0]
+        combined = loadgen.run_workers([args], timeout_s=cfg.sweep_seconds + 120)
+        if combined.errors or combined.short:
+            raise BenchError(
+                f"{run.backend.name} paced {op}: {combined.errors} failed, {combined.short} short"
+            )
+        log(f"{run.backend.name} {op} paced {rate:g}/s: {report.lat_text(combined.as_dict())}")
+        entry = {"system": run.backend.name, "operation": op, "rate": rate, "loadavg_1m": loadavg}
+        entry |= combined.as_dict() | {"command": "python -m bench.loadgen " + shlex.join(args)}
+        self.extra["paced"].append(entry)
 
     def rest(self) -> None:
         for run in self.running:
