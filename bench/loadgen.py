@@ -3,7 +3,9 @@
 Run as worker processes (`python -m bench.loadgen ...`, one JSON line on stdout), started and
 collected by `run_workers`:
 
-    bulk    Puts of keys first..first+count-1 (bench/key/NNNNNNN), `concurrency` in flight
+    bulk    Puts of keys first..first+count-1 (bench/key/NNNNNNN), `concurrency` calls in flight;
+            with --batch N, N puts per call: kv's BatchPut, etcd's Txn (at most 128 puts, etcd's
+            default --max-txn-ops, whatever N says)
     random  Gets or Puts of keys drawn uniformly from 1..keys for a fixed time, with latencies
     paced   Gets or Puts of one key at a fixed rate, evenly spaced, open loop: the latency of
             each call counts from when it was due (h2load --rps sends its calls in bursts of
@@ -57,7 +59,9 @@ class WorkerResult:
 
 
 async def bulk(ns: argparse.Namespace) -> WorkerResult:
-    """Put keys first..first+count-1, `concurrency` at a time."""
+    """Put keys first..first+count-1, `concurrency` calls at a time, `batch` keys per call."""
+    if ns.batch > 1:
+        return await bulk_batched(ns)
     backend = backend_for(ns.system)
     indices = iter(range(ns.first, ns.first + ns.count))
     errors = 0
@@ -73,6 +77,41 @@ async def bulk(ns: argparse.Namespace) -> WorkerResult:
 
     async with grpc.aio.insecure_channel(ns.address) as channel:
         call = channel.unary_unary(backend.put_method, None, None)
+        await channel.channel_ready()
+        started = time.monotonic()
+        await asyncio.gather(*(worker(call) for _ in range(ns.concurrency)))
+        finished = time.monotonic()
+    return WorkerResult(ns.count, errors, 0, started, finished, [])
+
+
+def batch_size(system: str, requested: int) -> int:
+    """The puts per call of a batched bulk load: `requested`, within the system's maximum."""
+    return max(1, min(requested, backend_for(system).max_batch))
+
+
+async def bulk_batched(ns: argparse.Namespace) -> WorkerResult:
+    """Put keys first..first+count-1 in calls of `batch_size(system, batch)` puts, `concurrency`
+    calls at a time. `calls` counts keys, as for single Puts; `errors` counts keys not written."""
+    backend = backend_for(ns.system)
+    size = batch_size(ns.system, ns.batch)
+    starts = iter(range(ns.first, ns.first + ns.count, size))
+    end = ns.first + ns.count
+    errors = 0
+
+    async def worker(call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]) -> None:
+        nonlocal errors
+        for start in starts:
+            keys = [bench_key(index) for index in range(start, min(start + size, end))]
+            body = backend.batch_put_request([(key, bench_value(key, ns.value_size)) for key in keys])
+            try:
+                response = await call(body, timeout=RPC_TIMEOUT_S)
+            except grpc.RpcError:
+                errors += len(keys)
+                continue
+            errors += backend.check_batch_put(response, len(keys))
+
+    async with grpc.aio.insecure_channel(ns.address) as channel:
+        call = channel.unary_unary(backend.batch_put_method, None, None)
         await channel.channel_ready()
         started = time.monotonic()
         await asyncio.gather(*(worker(call) for _ in range(ns.concurrency)))
@@ -175,6 +214,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--value-size", type=int, default=100)
     p.add_argument("--first", type=int, default=1, help="bulk: first key index")
     p.add_argument("--count", type=int, default=0, help="bulk: keys to write")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="bulk: puts per call; above 1, kv's BatchPut or etcd's Txn (etcd: at most 128)",
+    )
     p.add_argument("--op", choices=("get", "put"), default="get", help="random: the operation")
     p.add_argument("--keys", type=int, default=0, help="random: keys 1..keys exist")
     p.add_argument("--seconds", type=float, default=5.0, help="random: measured seconds")

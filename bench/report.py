@@ -11,6 +11,7 @@ from typing import Any
 
 BEGIN = "<!-- bench:results:begin (written by bench/run.py; edits inside are overwritten) -->"
 END = "<!-- bench:results:end -->"
+CEILING = "grpcio"  # the system name of the Get answered by an empty grpc.aio handler
 
 
 def fmt(value: float | None, spec: str = "{:.2f}") -> str:
@@ -114,6 +115,16 @@ class Summary:
             )
 
         unary(f"Get one key ({small} keys, {shape})", "get")
+        ceiling = self.rps(CEILING, "get")
+        if ceiling is not None:
+            etcd_get, kv_get = self.rps("etcd", "get"), self.rps("kv", "get")
+            title = "Get answered by an empty grpc.aio handler (the most a Python gRPC server serves) req/s"
+            out.append((title, rate(etcd_get), rate(ceiling), times(ratio(ceiling, etcd_get))))
+            out.append(("kv Get / empty grpc.aio handler", "", times(ratio(kv_get, ceiling)), ""))
+            two = self.rps(CEILING, "get", "saturated-2-processes")
+            if two is not None:
+                title = "Get answered by 2 empty-handler processes sharing the port (SO_REUSEPORT) req/s"
+                out.append((title, rate(etcd_get), rate(two), times(ratio(two, etcd_get))))
         unary(f"Put durable ({shape})", "put")
         unary(f"List page of 100 ({shape})", "list", per=100)
         etcd_rest, kv_rest = self.rest("etcd"), self.rest("kv")
@@ -132,11 +143,20 @@ class Summary:
             if e_p or k_p:
                 title_p = f"{title} p50 / p99 ms at 1,000 req/s evenly paced (Python client)"
                 out.append((title_p, lat_pair(e_p), lat_pair(k_p), ""))
+        singles = self.data.get("bulk_single", {})
+        e_one, k_one = per_s(singles.get("etcd"), "keys_per_s"), per_s(singles.get("kv"), "keys_per_s")
+        if e_one or k_one:
+            some = next(iter(singles.values()))
+            flight = some["calls_in_flight"]
+            title = f"Bulk load, {some['keys']:,} keys by single Puts ({flight} in flight) keys/s"
+            out.append((title, rate(e_one), rate(k_one), times(ratio(k_one, e_one))))
         e_bulk, k_bulk = self.bulk("etcd"), self.bulk("kv")
         if e_bulk or k_bulk:
+            sizes = {name: b.get("puts_per_call", 1) for name, b in self.data.get("bulk", {}).items()}
+            how = f"etcd Txn of {sizes.get('etcd', '-')}, kv BatchPut of {sizes.get('kv', '-')}"
             out.append(
                 (
-                    f"Bulk load {small} -> {big} keys, keys/s",
+                    f"Bulk load to {big} keys in batches ({how}) keys/s",
                     rate(e_bulk),
                     rate(k_bulk),
                     times(ratio(k_bulk, e_bulk)),
@@ -173,6 +193,10 @@ class Summary:
             out.append(Target(name, f">= {floor}x etcd", times(r), None if r is None else r >= floor))
 
         versus("unary Get", self.rps("kv", "get"), self.rps("etcd", "get"), 0.5)
+        ceiling = ratio(self.rps(CEILING, "get"), self.rps("etcd", "get"))
+        if ceiling is not None:
+            two = ratio(self.rps(CEILING, "get", "saturated-2-processes"), self.rps("etcd", "get"))
+            out[-1].measured += f" (an empty grpc.aio handler: {times(ceiling)}, two of them: {times(two)})"
         versus("durable Put", self.rps("kv", "put"), self.rps("etcd", "put"), 0.5)
         versus("bulk load keys/s", self.bulk("kv"), self.bulk("etcd"), 1.0)
         for op, title, limit in (("get", "Get", 2.0), ("put", "durable Put", 5.0)):
@@ -276,10 +300,12 @@ class Summary:
         for r in self.data.get("rest", []):
             result = f"{r['requests_per_s']:,.0f} req/s, {lat_text(r)}, cores {r['cpu_cores']}"
             row(r["system"], f"REST {r['what']}", result, r["loadavg_1m"], r["command"])
-        for system, b in self.data.get("bulk", {}).items():
-            result = f"{b['keys']:,} keys in {b['seconds']:.1f} s, {b['keys_per_s']:,.0f} keys/s, "
-            result += f"server {b['server_cpu_cores']:.2f} cores, client {b['client_cpu_cores']:.2f}"
-            row(system, f"bulk load, {b['processes']} processes", result, b["loadavg_1m"], b["command"])
+        for kind in ("bulk_single", "bulk"):
+            for system, b in self.data.get(kind, {}).items():
+                result = f"{b['keys']:,} keys in {b['seconds']:.1f} s, {b['keys_per_s']:,.0f} keys/s, "
+                result += f"server {b['server_cpu_cores']:.2f} cores, client {b['client_cpu_cores']:.2f}"
+                how = f"{b['processes']} processes x {b['calls_in_flight']} calls x {b['puts_per_call']} puts"
+                row(system, f"bulk load, {how}", result, b["loadavg_1m"], b["command"])
         for r in self.data.get("paced", []):
             result = f"{r['per_s']:,.0f}/s, {lat_text(r)} from when each call was due"
             result += f", client {r['client_cpu_cores']:.2f}"

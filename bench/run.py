@@ -5,13 +5,16 @@ Both servers start here on free loopback ports with fresh data directories (kv: 
 are measured back to back, one system after the other for each measurement:
 
     get      kv Get                   vs etcd Range of one key (linearizable)   h2load, saturated
+    ceiling  the same Get answered by an empty grpc.aio handler (bench/ceiling_server.py):
+             the most any Python gRPC server serves here, measured like kv's Get
     put      kv Put (durable)         vs etcd Put                               h2load, saturated
     list     kv List page_size=100    vs etcd Range over the prefix, limit 100  h2load, saturated
     rest     kv GET /v1/kv/{key} through Envoy, and etcd's JSON gateway         wrk
     sweep    get and put at fixed rates (h2load --rps): latency against throughput, the PNG;
              and both at 1,000/s evenly paced (a Python client: h2load's --rps comes in bursts)
     watch    1,000 streams on one prefix, one writer at 100 and 1,000 writes/s: delivery latency
-    bulk     the store grows from --keys to --big-keys keys by concurrent Puts: keys/s
+    bulk     the store grows from --keys to --big-keys keys by batches of puts (kv BatchPut,
+             etcd Txn), and by concurrent single Puts for the first share: keys/s
     scale    get and put at --keys and at --big-keys keys: h2load on one key, and a Python
              client on uniformly random keys (h2load sends one fixed body)
 
@@ -76,8 +79,10 @@ from bench.systems import (
     call_raw,
     cpu_seconds,
     etcd_ready,
+    free_port,
     kv_ready,
     log,
+    spawn,
     start_etcd,
     start_kv,
     status,
@@ -92,7 +97,7 @@ DEFAULT_KV_SERVER = REPO_ROOT / ".venv" / "bin" / "kv-server"
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DOCS = REPO_ROOT / "docs" / "benchmarks.md"
 PLOT = REPO_ROOT / "docs" / "benchmarks-latency.png"
-SCENARIOS = ("get", "put", "list", "rest", "sweep", "watch", "bulk", "scale")
+SCENARIOS = ("get", "ceiling", "put", "list", "rest", "sweep", "watch", "bulk", "scale")
 LIST_PAGE = 100
 # A rate above this share of the system's saturated throughput is not swept: the saturated run
 # is the last point of its curve.
@@ -124,6 +129,9 @@ class Config:
     watch_drain: float
     bulk_processes: int
     bulk_concurrency: int
+    bulk_batch: int
+    single_concurrency: int
+    single_keys: int
     random_concurrency: int
     random_seconds: float
     only: list[str]
@@ -154,6 +162,7 @@ QUICK = {
     "watch_seconds": 1.5,
     "watch_drain": 5.0,
     "random_seconds": 1.5,
+    "single_keys": 4_000,
 }
 
 
@@ -190,7 +199,7 @@ def parse_args(argv: Sequence[str]) -> Config:
     add("--duration", type=float, default=5.0, help="measured seconds of saturated h2load runs (5)")
     add("--warmup", type=float, default=2.0, help="warm-up seconds before each saturated run (2)")
     add("--keys", type=int, default=10_000, help="keys preloaded (10000)")
-    add("--big-keys", type=int, default=200_000, help="keys after the bulk load (200000)")
+    add("--big-keys", type=int, default=1_000_000, help="keys after the bulk load (1000000)")
     add("--value-size", type=int, default=100, help="value bytes (100)")
     add("--concurrency", type=int, default=16, help="saturated h2load -c (16)")
     add("--streams", type=int, default=8, help="saturated h2load -m (8)")
@@ -203,7 +212,14 @@ def parse_args(argv: Sequence[str]) -> Config:
     add("--watch-seconds", type=float, default=5.0, help="measured seconds of writes (5)")
     add("--watch-drain", type=float, default=10.0, help="seconds a late delivery may take (10)")
     add("--bulk-processes", type=int, default=2, help="bulk load client processes (2)")
-    add("--bulk-concurrency", type=int, default=128, help="Puts in flight per bulk process (128)")
+    add("--bulk-concurrency", type=int, default=2, help="batch calls in flight per bulk process (2)")
+    add(
+        "--bulk-batch", type=int, default=1000, help="puts per bulk call: kv BatchPut, etcd Txn <= 128 (1000)"
+    )
+    add("--single-concurrency", type=int, default=128, help="single Puts in flight per process (128)")
+    add(
+        "--single-keys", type=int, default=20_000, help="keys of the bulk load written by single Puts (20000)"
+    )
     add("--random-concurrency", type=int, default=64, help="calls in flight, random-key client (64)")
     add("--random-seconds", type=float, default=3.0, help="measured seconds, random-key client (3)")
     add("--store", choices=("sqlite", "memory"), default="sqlite", help="kv store (sqlite)")
@@ -233,7 +249,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         values["docs"] = False  # a smoke run never rewrites docs/benchmarks.md
     sizes = [ns.duration, ns.keys, ns.value_size, ns.concurrency, ns.streams, ns.threads, ns.watch_streams]
     sizes += [ns.bulk_processes, ns.bulk_concurrency, ns.random_concurrency, ns.rest_connections]
-    if min(sizes) <= 0 or ns.warmup < 0 or values["big_keys"] < values["keys"]:
+    sizes += [ns.bulk_batch, ns.single_concurrency]
+    if min(sizes) <= 0 or min(ns.warmup, values["single_keys"]) < 0 or values["big_keys"] < values["keys"]:
         p.error("sizes and durations must be positive, --warmup not negative, --big-keys >= --keys")
     if values["keys"] < LIST_PAGE:
         p.error(f"--keys must be at least {LIST_PAGE} (the List page)")
@@ -274,9 +291,14 @@ def start_system(name: str, cfg: Config, stack: contextlib.ExitStack) -> Running
     return run
 
 
-def load_keys(run: Running, cfg: Config, upto: int, label: str) -> dict[str, Any]:
-    """Put keys run.keys+1..upto with concurrent Puts from cfg.bulk_processes client processes;
-    check that they are all there; the figures."""
+def load_keys(
+    run: Running, cfg: Config, upto: int, label: str, *, batch: int | None = None, flight: int | None = None
+) -> dict[str, Any]:
+    """Put keys run.keys+1..upto from cfg.bulk_processes client processes, `batch` puts per call
+    (kv BatchPut, etcd Txn; default cfg.bulk_batch; 1: single Puts) and `flight` calls in flight
+    per process; check that they are all there; the figures."""
+    batch = cfg.bulk_batch if batch is None else batch
+    flight = cfg.bulk_concurrency if flight is None else flight
     first, count = run.keys + 1, upto - run.keys
     processes = max(1, min(cfg.bulk_processes, count // 1000))
     share = -(-count // processes)
@@ -285,10 +307,11 @@ def load_keys(run: Running, cfg: Config, upto: int, label: str) -> dict[str, Any
         start = first + index * share
         n = min(share, first + count - start)
         where = ["--system", run.backend.name, "--address", run.server.address]
-        sizes = ["--concurrency", str(cfg.bulk_concurrency), "--value-size", str(cfg.value_size)]
+        sizes = ["--concurrency", str(flight), "--value-size", str(cfg.value_size), "--batch", str(batch)]
         args.append(["bulk", *where, "--first", str(start), "--count", str(n), *sizes])
-    flight = f"{processes} processes x {cfg.bulk_concurrency} Puts in flight"
-    log(f"{run.backend.name}: {label}: {count} keys by {flight}")
+    per_call = loadgen.batch_size(run.backend.name, batch)
+    how = f"{processes} processes x {flight} calls in flight x {per_call} puts per call"
+    log(f"{run.backend.name}: {label}: {count} keys by {how}")
     loadavg = os.getloadavg()[0]
     server_cpu = cpu_seconds(run.server.proc.pid)
     profiling = cfg.profile and run.backend.name == "kv" and label == "bulk"
@@ -296,7 +319,7 @@ def load_keys(run: Running, cfg: Config, upto: int, label: str) -> dict[str, Any
         combined = loadgen.run_workers(args, timeout_s=3600)
     server_cores = (cpu_seconds(run.server.proc.pid) - server_cpu) / max(combined.seconds, 1e-9)
     if combined.errors:
-        raise BenchError(f"{run.backend.name} {label}: {combined.errors} Puts failed")
+        raise BenchError(f"{run.backend.name} {label}: {combined.errors} puts failed")
     present = run.backend.key_count(run.channel)
     if present < upto:
         raise BenchError(f"{run.backend.name} {label}: wrote keys 1..{upto} but the store has {present}")
@@ -310,6 +333,8 @@ def load_keys(run: Running, cfg: Config, upto: int, label: str) -> dict[str, Any
         "keys_per_s": combined.per_s,
         "seconds": combined.seconds,
         "processes": processes,
+        "calls_in_flight": flight,
+        "puts_per_call": per_call,
         "client_cpu_cores": combined.client_cpu_cores,
         "server_cpu_cores": server_cores,
         "loadavg_1m": loadavg,
@@ -371,26 +396,35 @@ def preflight(run: Running, op: str, method: str, request: bytes, key: str, valu
 
 
 def measure(
-    run: Running, op: str, cfg: Config, label: str, shape: Shape, seconds: float, warmup: float
+    run: Running,
+    op: str,
+    cfg: Config,
+    label: str,
+    shape: Shape,
+    seconds: float,
+    warmup: float,
+    system: str = "",
 ) -> Measurement:
-    """Preflight, warm up, measure and check one operation on one system."""
+    """Preflight, warm up, measure and check one operation on one system (named `system` in
+    the results when it is not the backend's own server)."""
     backend, server = run.backend, run.server
+    system = system or backend.name
     method, request, key, value = request_for(backend, op, run, cfg)
     response_bytes = preflight(run, op, method, request, key, value)
-    body = cfg.workdir / f"{backend.name}-{op}.grpc"
+    body = cfg.workdir / f"{system}-{op}.grpc"
     body.write_bytes(grpc_frame(request))
     url = f"http://{server.address}{method}"
-    name = f"{backend.name} {op} {label}"
+    name = f"{system} {op} {label}"
     loadavg = os.getloadavg()[0]
     before = backend.revision(run.channel) if op == "put" else 0
     log(f"{name}: h2load {shape.describe()}, warm-up {warmup:g} s, then {seconds:g} s")
     warm = run_h2load(cfg.h2load, url, body, warmup, shape, None) if warmup > 0 else None
-    log_file = cfg.workdir / f"{backend.name}-{op}-{label}.log"
-    cpu_before = cpu_seconds(server.proc.pid)
-    profiling = cfg.profile and backend.name == "kv" and label == "saturated"
+    log_file = cfg.workdir / f"{system}-{op}-{label}.log"
+    cpu_before = tree_cpu_seconds(server.proc.pid)
+    profiling = cfg.profile and system == "kv" and label == "saturated"
     with profile.maybe_profile(profiling, server.proc.pid, cfg, f"{op}-{label}") as prof:
         load = run_h2load(cfg.h2load, url, body, seconds, shape, log_file)
-    cores = (cpu_seconds(server.proc.pid) - cpu_before) / load.seconds
+    cores = (tree_cpu_seconds(server.proc.pid) - cpu_before) / load.seconds
     checks = check_load(name, load, response_bytes)
     counted = load.succeeded
     if warm is not None:
@@ -405,7 +439,7 @@ def measure(
     command = f"h2load -D {seconds:g} {shape.describe().split(' (')[0]} -H 'content-type: application/grpc' "
     command += f"-H 'te: trailers' -d {body.name} http://{server.address}{method}"
     return Measurement(
-        backend.name,
+        system,
         op,
         label,
         shape.describe(),
@@ -419,6 +453,15 @@ def measure(
         checks,
         prof.summary if prof else None,
     )
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and of its live descendants (a server may fork workers)."""
+    total = cpu_seconds(pid)
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            total += sum(tree_cpu_seconds(int(child)) for child in children.read_text().split())
+    return total
 
 
 def saturated_shape(cfg: Config) -> Shape:
@@ -440,7 +483,14 @@ class Bench:
         self.cfg = cfg
         self.running = running
         self.measurements: list[Measurement] = []
-        self.extra: dict[str, Any] = {"rest": [], "watch": [], "bulk": {}, "random": [], "paced": []}
+        self.extra: dict[str, Any] = {
+            "rest": [],
+            "watch": [],
+            "bulk": {},
+            "bulk_single": {},
+            "random": [],
+            "paced": [],
+        }
 
     def saturated(self, op: str, label: str = "saturated") -> None:
         for run in self.running:
@@ -448,6 +498,30 @@ class Bench:
             self.measurements.append(
                 measure(run, op, self.cfg, label, shape, self.cfg.duration, self.cfg.warmup)
             )
+
+    def ceiling(self) -> None:
+        """kv's Get, answered with the same bytes by a server that does nothing else: one
+        process, then two sharing the port."""
+        kv = next((run for run in self.running if run.backend.name == "kv"), None)
+        if kv is None:
+            return
+        method, request, _, _ = request_for(kv.backend, "get", kv, self.cfg)
+        response_file = self.cfg.workdir / "ceiling-response.bin"
+        response_file.write_bytes(call_raw(kv.channel, method, request))
+        for processes, label in ((1, "saturated"), (2, "saturated-2-processes")):
+            port = free_port()
+            argv = [sys.executable, str(REPO_ROOT / "bench" / "ceiling_server.py"), "--port", str(port)]
+            argv += ["--response", str(response_file), "--method", method, "--processes", str(processes)]
+            server = spawn("grpcio-ceiling", argv, self.cfg.workdir, f"127.0.0.1:{port}")
+            try:
+                with grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
+                    wait_ready(server, channel, lambda ch: bool(call_raw(ch, method, request, timeout=1.0)))
+                    run = Running(kv.backend, server, channel, kv.keys, {})
+                    cfg, shape = self.cfg, saturated_shape(self.cfg)
+                    found = measure(run, "get", cfg, label, shape, cfg.duration, cfg.warmup, report.CEILING)
+            finally:
+                stop(server.proc, server.name)
+            self.measurements.append(found)
 
     def sweep(self) -> None:
         for op in ("get", "put"):
@@ -574,8 +648,16 @@ class Bench:
                 self.extra["watch"].append(entry)
 
     def bulk(self) -> None:
+        """First a share of the keys by single Puts (what a client without batches gets), then
+        the rest by batches: the bulk load figure."""
+        cfg = self.cfg
         for run in self.running:
-            self.extra["bulk"][run.backend.name] = load_keys(run, self.cfg, self.cfg.big_keys, "bulk")
+            singles = min(run.keys + cfg.single_keys, cfg.big_keys)
+            if singles > run.keys:
+                entry = load_keys(run, cfg, singles, "bulk-single", batch=1, flight=cfg.single_concurrency)
+                self.extra["bulk_single"][run.backend.name] = entry
+        for run in self.running:
+            self.extra["bulk"][run.backend.name] = load_keys(run, cfg, cfg.big_keys, "bulk")
 
     def random(self) -> None:
         cfg = self.cfg
@@ -618,6 +700,8 @@ def run_all(cfg: Config) -> Bench:
         for op in ("get", "put", "list"):
             if op in chosen or (op != "list" and chosen & {"sweep", "scale"}):
                 bench.saturated(op)
+            if op == "get" and "ceiling" in chosen:
+                bench.ceiling()
         if "rest" in chosen:
             bench.rest()
         if "sweep" in chosen:

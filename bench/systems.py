@@ -69,8 +69,17 @@ class Backend(Protocol):
     list_method: str
     watch_method: str
 
+    # Many puts in one call (bulk load with --batch): kv's BatchPut, etcd's Txn.
+    batch_put_method: str
+    max_batch: int  # the most puts one call may carry on the system's default settings
+
     def get_request(self, key: str) -> bytes: ...
     def put_request(self, key: str, value: bytes) -> bytes: ...
+    def batch_put_request(self, items: Sequence[tuple[str, bytes]]) -> bytes: ...
+    def check_batch_put(self, response: bytes, count: int) -> int:
+        """The number of puts of the call that were not applied (0 when all were)."""
+        ...
+
     def list_request(self, prefix: str, limit: int) -> bytes: ...
     def watch_request(self, prefix: str) -> bytes: ...
     def check_get(self, response: bytes, key: str, value: bytes) -> None: ...
@@ -87,12 +96,25 @@ class EtcdBackend:
     put_method = "/etcdserverpb.KV/Put"
     list_method = "/etcdserverpb.KV/Range"
     watch_method = "/etcdserverpb.Watch/Watch"
+    batch_put_method = "/etcdserverpb.KV/Txn"
+    # etcd's --max-txn-ops default: a Txn with more operations is refused.
+    max_batch = 128
 
     def get_request(self, key: str) -> bytes:
         return pb_bytes(1, key.encode())  # RangeRequest.key (linearizable: etcd's default)
 
     def put_request(self, key: str, value: bytes) -> bytes:
         return pb_bytes(1, key.encode()) + pb_bytes(2, value)  # PutRequest.key, .value
+
+    def batch_put_request(self, items: Sequence[tuple[str, bytes]]) -> bytes:
+        # TxnRequest.success (2): RequestOp.request_put (2) per put; no compares, so it succeeds.
+        return b"".join(pb_bytes(2, pb_bytes(2, self.put_request(key, value))) for key, value in items)
+
+    def check_batch_put(self, response: bytes, count: int) -> int:
+        fields = pb_fields(response)  # TxnResponse: succeeded 2, responses 3
+        if pb_first_int(fields, 2) != 1 or len(fields.get(3, [])) != count:
+            return count  # a Txn is atomic: all or nothing
+        return 0
 
     def list_request(self, prefix: str, limit: int) -> bytes:
         # RangeRequest: key 1, range_end 2, limit 3 (keys in byte order, as kv's List).
@@ -133,12 +155,24 @@ class KvBackend:
     put_method = "/kv.v1.KeyValue/Put"
     list_method = "/kv.v1.KeyValue/List"
     watch_method = "/kv.v1.KeyValue/Watch"
+    batch_put_method = "/kv.v1.KeyValue/BatchPut"
+    max_batch = 1000  # BatchPut's maximum (the contract)
 
     def get_request(self, key: str) -> bytes:
         return kv_pb2.GetRequest(key=key).SerializeToString()
 
     def put_request(self, key: str, value: bytes) -> bytes:
         return kv_pb2.PutRequest(key=key, value_bytes=value).SerializeToString()
+
+    def batch_put_request(self, items: Sequence[tuple[str, bytes]]) -> bytes:
+        puts = [kv_pb2.PutRequest(key=key, value_bytes=value) for key, value in items]
+        return kv_pb2.BatchPutRequest(puts=puts).SerializeToString()
+
+    def check_batch_put(self, response: bytes, count: int) -> int:
+        results = kv_pb2.BatchPutResponse.FromString(response).results
+        if len(results) != count:
+            return count
+        return sum(1 for result in results if result.HasField("error"))
 
     def list_request(self, prefix: str, limit: int) -> bytes:
         return kv_pb2.ListRequest(prefix=prefix, page_size=limit).SerializeToString()

@@ -79,6 +79,10 @@ class ScriptedServicer(kv_pb2_grpc.KeyValueServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
         raise AssertionError  # unreachable: abort raises
 
+    async def BatchPut(self, request: kv_pb2.BatchPutRequest, context: Any) -> kv_pb2.BatchPutResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError  # unreachable: abort raises
+
     async def Put(self, request: kv_pb2.PutRequest, context: Any) -> kv_pb2.PutResponse:
         await self._enter("Put", request, context)
         self.script.revision += 1

@@ -135,7 +135,11 @@ def request_for(verb: str, path: str, operation: Any) -> tuple[str, str | None, 
     target = path.replace("{key}", "doc/key")
     content = operation.get("requestBody", {}).get("content", {})
     if "application/json" in content:
-        body = {"/set": '{"key": "doc/key", "value": "v"}', "/put": '{"key": "doc/key", "value": "v"}'}.get(
+        body = {
+            "/set": '{"key": "doc/key", "value": "v"}',
+            "/put": '{"key": "doc/key", "value": "v"}',
+            "/v1/kv:batchPut": '{"puts": [{"key": "doc/key", "value": "v"}]}',
+        }.get(
             path,
             '{"key": "doc/", "prefix": true, "start_revision": "1"}' if "watch" in path else '{"value": "v"}',
         )

@@ -117,6 +117,12 @@ def every_call(key: str) -> list[Call]:
             kv_pb2.PutValueResponse,
             True,
         ),
+        Call(
+            kv + "BatchPut",
+            kv_pb2.BatchPutRequest(puts=[kv_pb2.PutRequest(key=key, value="v")]),
+            kv_pb2.BatchPutResponse,
+            True,
+        ),
         Call(kv + "Delete", kv_pb2.DeleteRequest(key=key, allow_missing=True), kv_pb2.DeleteResponse, True),
         Call(kv + "List", kv_pb2.ListRequest(prefix=key), kv_pb2.ListResponse, False),
         Call(

@@ -31,6 +31,17 @@ type KeyValueClient interface {
 	// PutValue is Put with the value given as raw bytes and a content type.
 	// Over REST the request body is the value itself.
 	PutValue(ctx context.Context, in *PutValueRequest, opts ...grpc.CallOption) (*PutValueResponse, error)
+	// BatchPut applies many puts in one call: each put of the batch is what
+	// a Put call with the same PutRequest would do, applied in the order
+	// given, each on its own with its own revision. The puts are not atomic as
+	// a group: a put whose condition fails is reported in its result and the
+	// others are still applied. The call returns once every applied put is
+	// durable. A request that breaks a rule of this contract (an empty batch,
+	// more than 1000 puts, an invalid field of any put) fails as a whole with
+	// INVALID_ARGUMENT naming the field, such as `puts[3].key`, and writes
+	// nothing. A caller must be allowed to write every key of the batch, or
+	// the whole call fails with PERMISSION_DENIED and writes nothing.
+	BatchPut(ctx context.Context, in *BatchPutRequest, opts ...grpc.CallOption) (*BatchPutResponse, error)
 	// Delete removes one key, or every key under a prefix.
 	// Deleting an absent key is NOT_FOUND unless allow_missing is set.
 	Delete(ctx context.Context, in *DeleteRequest, opts ...grpc.CallOption) (*DeleteResponse, error)
@@ -84,6 +95,15 @@ func (c *keyValueClient) Put(ctx context.Context, in *PutRequest, opts ...grpc.C
 func (c *keyValueClient) PutValue(ctx context.Context, in *PutValueRequest, opts ...grpc.CallOption) (*PutValueResponse, error) {
 	out := new(PutValueResponse)
 	err := c.cc.Invoke(ctx, "/kv.v1.KeyValue/PutValue", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyValueClient) BatchPut(ctx context.Context, in *BatchPutRequest, opts ...grpc.CallOption) (*BatchPutResponse, error) {
+	out := new(BatchPutResponse)
+	err := c.cc.Invoke(ctx, "/kv.v1.KeyValue/BatchPut", in, out, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -166,6 +186,17 @@ type KeyValueServer interface {
 	// PutValue is Put with the value given as raw bytes and a content type.
 	// Over REST the request body is the value itself.
 	PutValue(context.Context, *PutValueRequest) (*PutValueResponse, error)
+	// BatchPut applies many puts in one call: each put of the batch is what
+	// a Put call with the same PutRequest would do, applied in the order
+	// given, each on its own with its own revision. The puts are not atomic as
+	// a group: a put whose condition fails is reported in its result and the
+	// others are still applied. The call returns once every applied put is
+	// durable. A request that breaks a rule of this contract (an empty batch,
+	// more than 1000 puts, an invalid field of any put) fails as a whole with
+	// INVALID_ARGUMENT naming the field, such as `puts[3].key`, and writes
+	// nothing. A caller must be allowed to write every key of the batch, or
+	// the whole call fails with PERMISSION_DENIED and writes nothing.
+	BatchPut(context.Context, *BatchPutRequest) (*BatchPutResponse, error)
 	// Delete removes one key, or every key under a prefix.
 	// Deleting an absent key is NOT_FOUND unless allow_missing is set.
 	Delete(context.Context, *DeleteRequest) (*DeleteResponse, error)
@@ -197,6 +228,9 @@ func (UnimplementedKeyValueServer) Put(context.Context, *PutRequest) (*PutRespon
 }
 func (UnimplementedKeyValueServer) PutValue(context.Context, *PutValueRequest) (*PutValueResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method PutValue not implemented")
+}
+func (UnimplementedKeyValueServer) BatchPut(context.Context, *BatchPutRequest) (*BatchPutResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method BatchPut not implemented")
 }
 func (UnimplementedKeyValueServer) Delete(context.Context, *DeleteRequest) (*DeleteResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Delete not implemented")
@@ -295,6 +329,24 @@ func _KeyValue_PutValue_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyValue_BatchPut_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BatchPutRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyValueServer).BatchPut(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/kv.v1.KeyValue/BatchPut",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyValueServer).BatchPut(ctx, req.(*BatchPutRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _KeyValue_Delete_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(DeleteRequest)
 	if err := dec(in); err != nil {
@@ -389,6 +441,10 @@ var _KeyValue_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "PutValue",
 			Handler:    _KeyValue_PutValue_Handler,
+		},
+		{
+			MethodName: "BatchPut",
+			Handler:    _KeyValue_BatchPut_Handler,
 		},
 		{
 			MethodName: "Delete",

@@ -10,7 +10,7 @@ import asyncio
 import builtins
 import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Literal, Self, TypeVar, overload
 
@@ -25,6 +25,8 @@ from kvclient.models import (
     Entry,
     Limits,
     ListResult,
+    PutManyResult,
+    PutOutcome,
     PutResult,
     RetryPolicy,
     ServerStatus,
@@ -193,6 +195,42 @@ class AsyncClient:
             self._stub().Put, request, timeout=timeout, idempotent=_p.put_is_idempotent(request)
         )
         return _p.put_result(response, data)
+
+    async def put_many(
+        self,
+        items: Iterable[_p.PutManyItem],
+        *,
+        batch_size: int = _p.MAX_BATCH_PUTS,
+        timeout: _p.Timeout = _p.DEFAULT,  # noqa: ASYNC109
+    ) -> PutManyResult:
+        """Apply many puts in order and return a PutManyResult, one PutOutcome per item.
+
+        ``items`` are :class:`PutItem` values (the arguments of ``put`` for one key) or
+        ``(key, value)`` pairs. They are sent with BatchPut, at most ``batch_size`` puts per
+        call (default and maximum 1000), one call after the other. Each put is applied on its
+        own, like ``put``, with its own revision; the puts are not atomic as a group: a put
+        whose condition fails gets :class:`Conflict` as its ``error`` and the others are still
+        applied. The call returns once every applied put is durable.
+
+        An invalid item (an empty key, a negative TTL, a value over the server's limit, ...)
+        raises :class:`InvalidArgument` naming it (``items[3]``, or the server's
+        ``puts[3].key``) and its call writes nothing; an error of a whole call (e.g.
+        :class:`Unavailable`) is raised, and the calls before it were applied.
+
+        ``timeout`` applies to each call. A call is retried on UNAVAILABLE only when every put
+        of it is conditional on ``if_mod_revision`` or ``if_version``.
+        """
+        calls = _p.batch_put_requests(items, batch_size)
+        outcomes: list[PutOutcome] = []
+        revision = 0
+        for request, values in calls:
+            idempotent = _p.batch_put_is_idempotent(request)
+            response = await self._call(
+                self._stub().BatchPut, request, timeout=timeout, idempotent=idempotent
+            )
+            outcomes.extend(_p.put_outcomes(request, response, values))
+            revision = max(revision, response.header.revision)
+        return _p.put_many_result(outcomes, revision)
 
     async def get(self, key: str, *, timeout: _p.Timeout = _p.DEFAULT) -> Entry:  # noqa: ASYNC109
         """Return the Entry of ``key``; raise :class:`KeyNotFound` when it does not exist.

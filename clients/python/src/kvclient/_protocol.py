@@ -13,7 +13,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -26,6 +26,7 @@ from kvclient.errors import (
     HistoryCompacted,
     InvalidArgument,
     KvError,
+    ServerError,
     SlowConsumer,
     Unavailable,
     error_for_status,
@@ -36,6 +37,9 @@ from kvclient.models import (
     EventType,
     Limits,
     ListResult,
+    PutItem,
+    PutManyResult,
+    PutOutcome,
     PutResult,
     RetryPolicy,
     ServerStatus,
@@ -338,6 +342,88 @@ def put_request(
         else:
             request.value_bytes = data
     return request, data
+
+
+MAX_BATCH_PUTS: Final = 1000
+"""The most puts one BatchPut call may carry (the server's limit, in the contract)."""
+
+PutManyItem = PutItem | tuple[str, Value]
+
+
+def put_item(item: PutManyItem) -> PutItem:
+    """A PutItem; a ``(key, value)`` pair is ``PutItem(key, value)``."""
+    if isinstance(item, PutItem):
+        return item
+    if isinstance(item, tuple) and len(item) == 2:
+        return PutItem(item[0], item[1])  # type: ignore[arg-type]
+    raise TypeError(f"an item of put_many must be a PutItem or a (key, value) pair, not {item!r}")
+
+
+def batch_put_requests(
+    items: Iterable[PutManyItem], batch_size: int
+) -> list[tuple[kv_pb2.BatchPutRequest, list[bytes]]]:
+    """The BatchPutRequests of ``put_many`` (at most ``batch_size`` puts each), each with the
+    values' bytes. An invalid item raises before anything is sent, naming it (``items[3]``)."""
+    valid = isinstance(batch_size, int) and not isinstance(batch_size, bool)
+    if not valid or not 0 < batch_size <= MAX_BATCH_PUTS:
+        raise InvalidArgument(f"batch_size must be an int from 1 to {MAX_BATCH_PUTS}, got {batch_size!r}")
+    puts: list[tuple[kv_pb2.PutRequest, bytes]] = []
+    for index, raw in enumerate(items):
+        try:
+            item = put_item(raw)
+            puts.append(
+                put_request(
+                    item.key,
+                    item.value,
+                    ttl=item.ttl,
+                    if_absent=item.if_absent,
+                    if_present=item.if_present,
+                    if_mod_revision=item.if_mod_revision,
+                    if_version=item.if_version,
+                    return_previous=item.return_previous,
+                    content_type=item.content_type,
+                )
+            )
+        except InvalidArgument as error:
+            raise InvalidArgument(f"items[{index}]: {error.message}") from None
+        except TypeError as error:
+            raise TypeError(f"items[{index}]: {error}") from None
+    return [
+        (
+            kv_pb2.BatchPutRequest(puts=[request for request, _ in puts[start : start + batch_size]]),
+            [data for _, data in puts[start : start + batch_size]],
+        )
+        for start in range(0, len(puts), batch_size)
+    ]
+
+
+def batch_put_is_idempotent(request: kv_pb2.BatchPutRequest) -> bool:
+    """A batch is safe to repeat when every put of it is (conditional on a revision)."""
+    return all(put_is_idempotent(put) for put in request.puts)
+
+
+_STATUS_CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def put_outcomes(
+    request: kv_pb2.BatchPutRequest, response: kv_pb2.BatchPutResponse, values: list[bytes]
+) -> list[PutOutcome]:
+    """The PutOutcomes of one BatchPut call, in request order."""
+    if len(response.results) != len(request.puts):
+        raise ServerError(f"the server answered {len(response.results)} results for {len(request.puts)} puts")
+    outcomes = []
+    for put, result, value in zip(request.puts, response.results, values, strict=True):
+        if result.WhichOneof("result") == "put":
+            outcomes.append(PutOutcome(put.key, result=put_result(result.put, value)))
+        else:
+            code = _STATUS_CODES.get(result.error.code, grpc.StatusCode.UNKNOWN)
+            outcomes.append(PutOutcome(put.key, error=error_for_status(code, result.error.message)))
+    return outcomes
+
+
+def put_many_result(outcomes: list[PutOutcome], revision: int) -> PutManyResult:
+    """The PutManyResult of every call of a put_many."""
+    return PutManyResult(tuple(outcomes), revision)
 
 
 def put_is_idempotent(request: kv_pb2.PutRequest) -> bool:

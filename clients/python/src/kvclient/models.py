@@ -5,8 +5,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from kvclient.errors import KvError
 
 __all__ = [
     "DeleteResult",
@@ -14,6 +16,9 @@ __all__ = [
     "EventType",
     "Limits",
     "ListResult",
+    "PutItem",
+    "PutManyResult",
+    "PutOutcome",
     "PutResult",
     "RetryPolicy",
     "ServerStatus",
@@ -67,6 +72,82 @@ class PutResult:
     created: bool
     entry: Entry
     prev_entry: Entry | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutItem:
+    """One put of ``put_many``: the arguments ``put`` takes, for one key.
+
+    ``value`` is ``str`` (stored as its UTF-8 bytes) or bytes; ``ttl`` is seconds (or a
+    timedelta), ``None`` for no expiry; the conditions, ``return_previous`` and ``content_type``
+    mean what they mean for ``put``.
+    """
+
+    key: str
+    value: str | bytes = b""
+    ttl: float | timedelta | None = None
+    if_absent: bool = False
+    if_present: bool = False
+    if_mod_revision: int | None = None
+    if_version: int | None = None
+    return_previous: bool = False
+    content_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutOutcome:
+    """The outcome of one put of ``put_many``: exactly one of ``result`` (the PutResult, when
+    the put was applied) and ``error`` (the KvError that kept it from applying, e.g.
+    :class:`~kvclient.Conflict` when its condition failed; such a put changed nothing)."""
+
+    key: str
+    result: PutResult | None = None
+    error: KvError | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the put was applied."""
+        return self.error is None
+
+    def unwrap(self) -> PutResult:
+        """The PutResult; raises the put's error when it was not applied."""
+        if self.error is not None:
+            raise self.error
+        if self.result is None:
+            raise KvError("the outcome has neither a result nor an error")
+        return self.result
+
+
+@dataclass(frozen=True, slots=True)
+class PutManyResult:
+    """The outcome of ``put_many``: one PutOutcome per item, in the order given.
+
+    Iterating it yields the outcomes. ``revision`` is the store revision after the last call
+    (at least the revision of the last applied put). ``applied`` counts the puts that were
+    applied, ``failed`` lists the outcomes of those that were not.
+    """
+
+    outcomes: tuple[PutOutcome, ...]
+    revision: int
+
+    def __iter__(self) -> Iterator[PutOutcome]:
+        return iter(self.outcomes)
+
+    def __len__(self) -> int:
+        return len(self.outcomes)
+
+    def __getitem__(self, index: int) -> PutOutcome:
+        return self.outcomes[index]
+
+    @property
+    def applied(self) -> int:
+        """The number of puts that were applied."""
+        return sum(1 for outcome in self.outcomes if outcome.error is None)
+
+    @property
+    def failed(self) -> tuple[PutOutcome, ...]:
+        """The outcomes of the puts that were not applied, in order."""
+        return tuple(outcome for outcome in self.outcomes if outcome.error is not None)
 
 
 @dataclass(frozen=True, slots=True)

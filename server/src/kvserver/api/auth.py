@@ -90,6 +90,11 @@ def _key(request: Any) -> Sequence[KeyRange]:
     return [KeyRange.single(request.key)]
 
 
+def _batch_keys(request: Any) -> Sequence[KeyRange]:
+    # Every key of the batch: one key the token may not write refuses the whole call.
+    return [KeyRange.single(put.key) for put in request.puts]
+
+
 def _key_or_prefix(request: Any) -> Sequence[KeyRange]:
     return [KeyRange.prefix(request.key) if request.prefix else KeyRange.single(request.key)]
 
@@ -121,6 +126,7 @@ RULES: dict[str, Rule] = {
     _KV + "GetValue": Rule(kv_pb2.GetValueRequest, False, _key),
     _KV + "Put": Rule(kv_pb2.PutRequest, True, _key),
     _KV + "PutValue": Rule(kv_pb2.PutValueRequest, True, _key),
+    _KV + "BatchPut": Rule(kv_pb2.BatchPutRequest, True, _batch_keys),
     _KV + "Delete": Rule(kv_pb2.DeleteRequest, True, _key_or_prefix),
     _KV + "List": Rule(kv_pb2.ListRequest, False, _listing),
     _KV + "Watch": Rule(kv_pb2.WatchRequest, False, _key_or_prefix),

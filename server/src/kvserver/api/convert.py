@@ -5,8 +5,9 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kv.v1 import kv_pb2
-from kvserver.domain import NO_EXPIRY, Entry, Event, EventType
-from kvserver.service.kv import Conditions
+from kvserver.api.errors import status_for
+from kvserver.domain import NO_EXPIRY, Entry, Event, EventType, KvError
+from kvserver.service.kv import NO_CONDITIONS, BatchOutcome, Conditions, PutSpec
 from kvserver.service.watch import CancelReason, WatchMessage
 
 _EVENT_TYPES = {
@@ -73,6 +74,47 @@ def conditions(request: kv_pb2.PutRequest | kv_pb2.PutValueRequest | kv_pb2.Dele
     return Conditions(if_mod_revision=request.if_mod_revision, if_version=request.if_version)
 
 
+# Watch fan-out: every stream of a key range sends the same events. A live message is assembled
+# from each event serialised once, as a ready `events` field of WatchResponse, for every stream of
+# its key range (the hub's feed keeps those bytes, keyed by the encoding function below).
+_HEADER_FIELD_TAG = b"\x0a"  # WatchResponse.header: field 1, length-delimited
+_EVENTS_FIELD_TAG = b"\x12"  # WatchResponse.events: field 2, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _event_field(event: Event) -> bytes:
+    data = event_to_proto(event, with_previous=False).SerializeToString()
+    return _EVENTS_FIELD_TAG + _varint(len(data)) + data
+
+
+def _event_field_with_previous(event: Event) -> bytes:
+    data = event_to_proto(event, with_previous=True).SerializeToString()
+    return _EVENTS_FIELD_TAG + _varint(len(data)) + data
+
+
+def watch_message_to_bytes(message: WatchMessage, *, with_previous: bool) -> bytes:
+    """The serialised WatchResponse: the same bytes as watch_message_to_proto(...).SerializeToString().
+    A message of live events is assembled from its events serialised once for all the streams that
+    send them."""
+    shared = message.shared
+    live = not (message.initial_entries or message.initial_state_complete or message.cancel)
+    if shared is not None and live:
+        head = header(message.revision).SerializeToString()
+        head = _HEADER_FIELD_TAG + _varint(len(head)) + head
+        data = shared.encoded(_event_field_with_previous if with_previous else _event_field, head)
+        if data is not None:
+            return data
+    return watch_message_to_proto(message, with_previous=with_previous).SerializeToString()
+
+
 def watch_message_to_proto(message: WatchMessage, *, with_previous: bool) -> kv_pb2.WatchResponse:
     response = kv_pb2.WatchResponse(
         header=header(message.revision),
@@ -89,4 +131,52 @@ def watch_message_to_proto(message: WatchMessage, *, with_previous: bool) -> kv_
                 message=message.cancel.message,
             )
         )
+    return response
+
+
+# BatchPut.
+
+
+def put_specs(request: kv_pb2.BatchPutRequest) -> list[PutSpec]:
+    """The puts of a BatchPutRequest, as the service takes them."""
+    specs = []
+    for put in request.puts:
+        conditional = put.if_absent or put.if_present or put.if_mod_revision or put.if_version
+        value = put.value_bytes if put.WhichOneof("content") == "value_bytes" else put.value.encode()
+        specs.append(
+            PutSpec(
+                put.key,
+                value,
+                put.ttl_ms,
+                conditions(put) if conditional else NO_CONDITIONS,
+                put.content_type,
+            )
+        )
+    return specs
+
+
+def batch_put_response(request: kv_pb2.BatchPutRequest, outcome: BatchOutcome) -> kv_pb2.BatchPutResponse:
+    """The BatchPutResponse: per put, its PutResponse, or its error mapped by api.errors."""
+    response = kv_pb2.BatchPutResponse(header=header(outcome.revision))
+    results = response.results
+    for put, result in zip(request.puts, outcome.results, strict=True):
+        item = results.add()
+        if isinstance(result, KvError):
+            item.error.code = status_for(result).value[0]
+            item.error.message = str(result)
+            continue
+        # Field by field into the response (a bulk load answers many): what put_response makes.
+        answer = item.put
+        answer.header.revision = result.revision
+        answer.created = result.created
+        entry, message = result.entry, answer.entry
+        message.key = entry.key
+        message.create_revision = entry.create_revision
+        message.mod_revision = entry.mod_revision
+        message.version = entry.version
+        message.content_type = entry.content_type
+        if entry.expire_at_ms != NO_EXPIRY:
+            message.expire_time.FromMilliseconds(entry.expire_at_ms)
+        if put.return_previous and result.prev is not None:
+            answer.prev_entry.CopyFrom(entry_to_proto(result.prev))
     return response

@@ -6,10 +6,13 @@ rules are checked in one place. Validation errors name the request field at faul
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvserver.config import Limits
 from kvserver.domain import (
+    ALWAYS,
     NO_EXPIRY,
     Condition,
     DeleteOp,
@@ -18,6 +21,7 @@ from kvserver.domain import (
     InvalidArgument,
     KeyNotFound,
     KeyRange,
+    KvError,
     PutOp,
     PutResult,
     StoreStats,
@@ -28,6 +32,8 @@ from kvserver.service.pagination import Cursor, PageTokens, fingerprint
 from kvserver.store.base import Store
 
 _MAX_CONTENT_TYPE_CHARS = 256
+MAX_BATCH_PUTS = 1000
+"""The most puts one BatchPut may carry (the contract says 1000)."""
 # 9999-12-31T23:59:59.999Z: the latest instant a google.protobuf.Timestamp (expire_time) can hold.
 _LATEST_DEADLINE_MS = 253_402_300_799_999
 
@@ -40,6 +46,30 @@ class Conditions:
     if_present: bool = False
     if_mod_revision: int = 0
     if_version: int = 0
+
+
+NO_CONDITIONS = Conditions()
+"""The conditions of an unconditional write (shared: a bulk load makes many)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PutSpec:
+    """One put of a batch, as the client stated it (the arguments of `KvService.put`)."""
+
+    key: str
+    value: bytes
+    ttl_ms: int = 0
+    conditions: Conditions = NO_CONDITIONS
+    content_type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """The outcome of a batch: one result per put, in request order, each a PutResult or the
+    KvError that kept that put from applying; `revision` is the store's after the batch."""
+
+    revision: int
+    results: tuple[PutResult | KvError, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,21 +115,63 @@ class KvService:
         conditions: Conditions = Conditions(),
         content_type: str = "",
     ) -> PutResult:
-        self.check_key(key)
-        if len(value) > self.limits.max_value_bytes:
-            raise InvalidArgument(
-                "value", f"{len(value)} bytes is over the limit of {self.limits.max_value_bytes} bytes"
-            )
-        if ttl_ms < 0:
-            raise InvalidArgument("ttl_ms", "must not be negative")
-        condition = _condition(conditions)
-        expire_at = wall_clock_ms() + ttl_ms if ttl_ms else NO_EXPIRY
-        if expire_at > _LATEST_DEADLINE_MS:
-            raise InvalidArgument("ttl_ms", f"{ttl_ms} puts the deadline after the year 9999")
-        if len(content_type) > _MAX_CONTENT_TYPE_CHARS:
-            raise InvalidArgument("content_type", f"is longer than {_MAX_CONTENT_TYPE_CHARS} characters")
-        op = PutOp(key, value, expire_at, condition, content_type)
+        op = self._put_op(PutSpec(key, value, ttl_ms, conditions, content_type))
         return expect(await self.store.write(op), PutResult)
+
+    async def put_many(self, puts: Sequence[PutSpec]) -> BatchOutcome:
+        """Apply `puts` in order, each on its own as `put` would (not atomically as a group).
+
+        Every put is validated first: one invalid put fails the whole batch with an
+        InvalidArgument naming it (`puts[3].key`) and nothing is written. Then every put is
+        submitted to the store at once, in order, so that a store that groups the writes queued
+        together (SQLite) commits the batch in as few transactions as it can; the store applies
+        them in submission order. A put that fails (a condition, the storage) gets its KvError
+        in its result and the others still apply. Returns when every applied put is durable.
+        """
+        if not puts:
+            raise InvalidArgument("puts", "must hold at least one put")
+        if len(puts) > MAX_BATCH_PUTS:
+            raise InvalidArgument("puts", f"{len(puts)} puts is over the maximum of {MAX_BATCH_PUTS}")
+        ops = []
+        for index, spec in enumerate(puts):
+            try:
+                ops.append(self._put_op(spec))
+            except InvalidArgument as error:
+                field_name = f"puts[{index}].{error.field_name}"
+                problem = str(error).removeprefix(f"{error.field_name}: ")
+                raise InvalidArgument(field_name, problem) from None
+        # gather wraps each write in a task, in order; each task runs up to the store's queue in
+        # that order before any of them waits (memory, sqlite). The etcd store does not apply
+        # concurrent writes in submission order (each takes several round trips to etcd): there
+        # the puts of one batch may commit in another order, each still atomically.
+        outcomes = await asyncio.gather(*(self.store.write(op) for op in ops), return_exceptions=True)
+        results: list[PutResult | KvError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, KvError):
+                results.append(outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append(expect(outcome, PutResult))
+        applied = [result.revision for result in results if isinstance(result, PutResult)]
+        return BatchOutcome(max([self.store.revision, *applied]), tuple(results))
+
+    def _put_op(self, spec: PutSpec) -> PutOp:
+        """The validated write of one put."""
+        self.check_key(spec.key)
+        if len(spec.value) > self.limits.max_value_bytes:
+            raise InvalidArgument(
+                "value", f"{len(spec.value)} bytes is over the limit of {self.limits.max_value_bytes} bytes"
+            )
+        if spec.ttl_ms < 0:
+            raise InvalidArgument("ttl_ms", "must not be negative")
+        condition = ALWAYS if spec.conditions is NO_CONDITIONS else _condition(spec.conditions)
+        expire_at = wall_clock_ms() + spec.ttl_ms if spec.ttl_ms else NO_EXPIRY
+        if expire_at > _LATEST_DEADLINE_MS:
+            raise InvalidArgument("ttl_ms", f"{spec.ttl_ms} puts the deadline after the year 9999")
+        if len(spec.content_type) > _MAX_CONTENT_TYPE_CHARS:
+            raise InvalidArgument("content_type", f"is longer than {_MAX_CONTENT_TYPE_CHARS} characters")
+        return PutOp(spec.key, spec.value, expire_at, condition, spec.content_type)
 
     async def delete(
         self,

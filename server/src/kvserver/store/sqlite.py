@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -65,6 +65,13 @@ _MAX_BATCH = 512
 # SQLite allows 32766 bound parameters per statement.
 _ROWS_PER_INSERT = 1000
 _ENTRY_COLUMNS = "key, value, create_revision, mod_revision, version, expire_at_ms, content_type"
+# The Gets read together: the revision, and one row per key found (all from one snapshot).
+_MAX_GETS = 512
+_GET_SQL = (
+    "SELECT s.value, kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, "
+    "kv.expire_at_ms, kv.content_type FROM kv_state s LEFT JOIN kv ON kv.key IN ({}) "
+    "WHERE s.name = 'revision'"
+)
 
 _SCHEMA = [
     "ALTER TABLE kv ADD COLUMN create_revision INTEGER NOT NULL DEFAULT 0",
@@ -96,19 +103,26 @@ _SCHEMA = [
 ]
 
 
-class _Rows:
-    """A result sink for sqlitedict's worker thread that completes an asyncio future.
+class _Sink:
+    """A result sink that sqlitedict's worker thread feeds: each row, then the end marker.
 
-    The worker calls `put` for each row and then the end marker. An error of the statement is
-    recorded on the connection just before the end marker, and the worker runs one statement at
-    a time, so reading it at the end marker attributes it to this statement.
+    `on_end(rows, error)` runs on the worker thread right after the statement, before the worker
+    takes its next request: a statement it queues there runs next. The error of the statement is
+    recorded on the connection just before the end marker (the worker runs one statement at a
+    time), so reading it at the end marker attributes it to this statement. sqlitedict calls the
+    reference it was given to reach the sink; the sink is its own reference, so the queued request
+    keeps it alive until the worker is done with it.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, connection: Any) -> None:
-        self._loop = loop
+    __slots__ = ("_connection", "_on_end", "_rows")
+
+    def __init__(self, connection: Any, on_end: Callable[[list[tuple[Any, ...]], Any], None]) -> None:
         self._connection = connection
+        self._on_end = on_end
         self._rows: list[tuple[Any, ...]] = []
-        self.future: asyncio.Future[list[tuple[Any, ...]]] = loop.create_future()
+
+    def __call__(self) -> _Sink:
+        return self
 
     def put(self, item: Any) -> None:
         if item != _END_OF_ROWS:
@@ -116,16 +130,35 @@ class _Rows:
             return
         with self._connection._lock:
             error, self._connection.exception = self._connection.exception, None
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            self._loop.call_soon_threadsafe(self._finish, error)
+        try:
+            self._on_end(self._rows, error)
+        except BaseException:  # never into sqlitedict's worker loop: it would end the thread
+            log.exception("a sqlite result handler failed")
 
-    def _finish(self, error: tuple[Any, ...] | None) -> None:
-        if self.future.done():
-            return
-        if error is not None:
-            self.future.set_exception(StorageFailure(f"storage error: {error[1]}"))
-        else:
-            self.future.set_result(self._rows)
+
+class _Group:
+    """Statements queued back to back whose outcome is handled once, after the last of them ran:
+    `on_end(rows of each statement, the first error or None)`, on the worker thread."""
+
+    __slots__ = ("_count", "_error", "_on_end", "_results")
+
+    def __init__(self, count: int, on_end: Callable[[list[list[tuple[Any, ...]]], Any], None]) -> None:
+        self._on_end = on_end
+        self._results: list[list[tuple[Any, ...]]] = []
+        self._error: Any = None
+        self._count = count
+
+    def step(self, rows: list[tuple[Any, ...]], error: Any) -> None:
+        self._results.append(rows)
+        if error is not None and self._error is None:
+            self._error = error
+        if len(self._results) == self._count:
+            self._on_end(self._results, self._error)
+
+
+def _failure(error: Any) -> StorageFailure:
+    """sqlitedict's recorded error (an exc_info tuple) as the store's error."""
+    return StorageFailure(f"storage error: {error[1]}")
 
 
 class _Connection:
@@ -150,14 +183,76 @@ class _Connection:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return cls(path, read_only=False)
 
+    def enqueue(
+        self, sql: str, args: Sequence[Any], on_end: Callable[[list[tuple[Any, ...]], Any], None]
+    ) -> None:
+        """Queue a statement; `on_end(rows, error)` runs on the worker thread once it has run.
+
+        Queued directly rather than through `execute`, which first re-raises any pending error
+        of the worker in the caller: that error belongs to the statement whose sink collects it.
+        Any thread may call this, the worker thread included.
+        """
+        sink = _Sink(self._worker, on_end)
+        self._worker.reqs.put((sql, tuple(args), sink, None))
+
+    def enqueue_group(
+        self,
+        statements: Sequence[tuple[str, Sequence[Any]]],
+        on_end: Callable[[list[list[tuple[Any, ...]]], Any], None],
+    ) -> None:
+        """Queue statements back to back with one handler for all of them (see `_Group`)."""
+        group = _Group(len(statements), on_end)
+        for sql, args in statements:
+            self.enqueue(sql, args, group.step)
+
+    def group(
+        self, statements: Sequence[tuple[str, Sequence[Any]]]
+    ) -> asyncio.Future[list[list[tuple[Any, ...]]]]:
+        """Run statements back to back; the rows of each, or the first error, in one callback."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[list[tuple[Any, ...]]]] = loop.create_future()
+        self.enqueue_group(
+            statements, lambda results, error: _resolve_threadsafe(loop, future, results, error)
+        )
+        return future
+
+    def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> asyncio.Future[float]:
+        """BEGIN IMMEDIATE, the statements, and COMMIT only if none of them failed (else
+        ROLLBACK): the worker queues the COMMIT or ROLLBACK itself, right after the last
+        statement, so the transaction costs one trip to the worker and back. Resolves to the
+        seconds the COMMIT took, or fails with the first error (after the ROLLBACK).
+
+        sqlitedict's worker goes on with the next queued statement after a failed one, so a
+        COMMIT queued up front would commit what the batch did before and after its failure.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[float] = loop.create_future()
+
+        def roll_back(error: Any) -> None:
+            # The error of the ROLLBACK itself only means that there was no transaction left.
+            self.enqueue("ROLLBACK", (), lambda _, __: _resolve_threadsafe(loop, future, None, error))
+
+        def written(_: object, error: Any) -> None:
+            if error is not None:
+                roll_back(error)
+                return
+            started = time.perf_counter()
+
+            def committed(_: object, commit_error: Any) -> None:
+                if commit_error is not None:
+                    roll_back(commit_error)
+                else:
+                    _resolve_threadsafe(loop, future, time.perf_counter() - started, None)
+
+            self.enqueue("COMMIT", (), committed)
+
+        self.enqueue_group([("BEGIN IMMEDIATE", ()), *statements], written)
+        return future
+
     def submit(self, sql: str, args: Sequence[Any] = ()) -> asyncio.Future[list[tuple[Any, ...]]]:
-        rows = _Rows(asyncio.get_running_loop(), self._worker)
-        # Queued directly rather than through `execute`, which first re-raises any pending error
-        # of the worker in the caller: that error belongs to the statement whose sink collects it.
-        self._worker.reqs.put((sql, tuple(args), weakref.ref(rows), None))
-        future = rows.future
-        # sqlitedict holds the sink weakly; keep it alive until its rows arrive.
-        future.add_done_callback(lambda _: rows)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[tuple[Any, ...]]] = loop.create_future()
+        self.enqueue(sql, args, lambda rows, error: _resolve_threadsafe(loop, future, rows, error))
         return future
 
     async def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -165,6 +260,22 @@ class _Connection:
 
     def close(self) -> None:
         self._dict.close()
+
+
+def _resolve_threadsafe(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, error: Any
+) -> None:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+        loop.call_soon_threadsafe(_resolve, future, result, error)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: Any) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(_failure(error))
+    else:
+        future.set_result(result)
 
 
 @dataclass
@@ -194,6 +305,49 @@ class _Prefetched:
         return [entry for entry in self.due_entries if entry.expired(now_ms)][:limit]
 
 
+class _Prefetch:
+    """The committed state a batch reads: the SELECTs that fetch it, and the view of their rows."""
+
+    def __init__(self, ops: list[WriteOp], now_ms: int) -> None:
+        self.keys = sorted({op.key for op in ops if isinstance(op, PutOp | DeleteOp) and not _is_prefix(op)})
+        self.queries: list[tuple[str, Sequence[Any]]] = []
+        for start in range(0, len(self.keys), _ROWS_PER_INSERT):
+            chunk = self.keys[start : start + _ROWS_PER_INSERT]
+            placeholders = ",".join("?" * len(chunk))
+            self.queries.append((f"SELECT {_ENTRY_COLUMNS} FROM kv WHERE key IN ({placeholders})", chunk))
+        self._key_queries = len(self.queries)
+        self.prefixes = [KeyRange.prefix(op.key) for op in ops if isinstance(op, DeleteOp) and op.prefix]
+        self.queries += [_range_query(keys_range) for keys_range in self.prefixes]
+        expires = [op for op in ops if isinstance(op, ExpireOp)]
+        expire_limit = sum(op.limit for op in expires)
+        # Due by the operations' own clocks (not the batch's), in the planner's order: deadline, key.
+        due_by = max((op.now_ms for op in expires), default=now_ms)
+        self._due = expire_limit > 0
+        if self._due:
+            self.queries.append(
+                (
+                    f"SELECT {_ENTRY_COLUMNS} FROM kv WHERE expire_at_ms > 0 AND expire_at_ms <= ? "
+                    "ORDER BY expire_at_ms, key LIMIT ?",
+                    (due_by, expire_limit),
+                )
+            )
+
+    def state(self, results: list[list[tuple[Any, ...]]]) -> _Prefetched:
+        """The view of the committed state from the rows of `queries`, in their order."""
+        state = _Prefetched()
+        state.entries = dict.fromkeys(self.keys)
+        rows_of = iter(results)
+        for _ in range(self._key_queries):
+            state.entries.update((row[0], _entry(row)) for row in next(rows_of))
+        for keys_range in self.prefixes:
+            state.ranges.append((keys_range, [_entry(row) for row in next(rows_of)]))
+        if self._due:
+            state.due_entries = [_entry(row) for row in next(rows_of)]
+        for entries in [state.due_entries, *(entries for _, entries in state.ranges)]:
+            state.entries.update((entry.key, entry) for entry in entries)
+        return state
+
+
 class SqliteStore:
     name = "sqlite"
 
@@ -208,6 +362,9 @@ class SqliteStore:
         self._queue: list[_Pending] = []
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
+        # Gets waiting for the reader, by key, and whether a read of them is in flight (loop).
+        self._gets: dict[str, list[asyncio.Future[tuple[int, Entry | None]]]] = {}
+        self._gets_in_flight = False
         self.batches = 0
         self.batched_writes = 0
         # Called after every commit with (writes in the batch, seconds the COMMIT took: the fsync
@@ -267,17 +424,66 @@ class SqliteStore:
     # Reads.
 
     async def get(self, key: str, now_ms: int, *, serializable: bool = False) -> tuple[int, Entry | None]:
-        rows = await self._require(self._reader).query(
-            "SELECT s.value, kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, "
-            "kv.expire_at_ms, kv.content_type FROM kv_state s LEFT JOIN kv ON kv.key = ? "
-            "WHERE s.name = 'revision'",
-            (key,),
-        )
-        revision, *columns = rows[0]
-        entry = _entry(columns) if columns[0] is not None else None
+        self._require(self._reader)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, Entry | None]] = loop.create_future()
+        waiting = self._gets.get(key)
+        if waiting is None:
+            self._gets[key] = [future]
+        else:
+            waiting.append(future)
+        if not self._gets_in_flight:
+            # On the next turn of the loop, so that the Gets of this turn go in together.
+            self._gets_in_flight = True
+            loop.call_soon(self._read_gets, loop)
+        revision, entry = await future
         if entry is not None and entry.expired(now_ms):
             entry = None
-        return int(revision), entry
+        return revision, entry
+
+    def _read_gets(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read every waiting Get (up to _MAX_GETS keys) with one statement on the reader: one
+        trip to its worker thread for all of them. The Gets that arrive meanwhile wait for the
+        next. Each statement starts after its Gets were called, so it sees every write
+        acknowledged before them."""
+        if not self._gets:
+            self._gets_in_flight = False
+            return
+        keys = list(itertools.islice(self._gets, _MAX_GETS))
+        batch = {key: self._gets.pop(key) for key in keys}
+        if self._reader is None:
+            self._gets_in_flight = False
+            _fail_gets(batch, StorageFailure("the store is closed"))
+            return
+        # Padded to a power of two (IN ignores the repeats) so that few distinct statements
+        # reach sqlite3's statement cache.
+        width = 1 << (len(keys) - 1).bit_length()
+
+        def read(rows: list[tuple[Any, ...]], error: Any) -> None:  # on the reader's worker thread
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(self._answer_gets, loop, batch, rows, error)
+
+        self._reader.enqueue(
+            _GET_SQL.format(",".join("?" * width)), keys + keys[-1:] * (width - len(keys)), read
+        )
+
+    def _answer_gets(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: dict[str, list[asyncio.Future[tuple[int, Entry | None]]]],
+        rows: list[tuple[Any, ...]],
+        error: Any,
+    ) -> None:
+        if error is not None:
+            _fail_gets(batch, _failure(error))
+        else:
+            revision = int(rows[0][0])
+            found = {row[1]: _entry(row[1:]) for row in rows if row[1] is not None}
+            for key, futures in batch.items():
+                for future in futures:
+                    if not future.done():
+                        future.set_result((revision, found.get(key)))
+        self._read_gets(loop)
 
     async def range(
         self,
@@ -375,7 +581,8 @@ class SqliteStore:
             raise StorageFailure("the store is closed")
         await self._require(self._reader).query("SELECT 1 FROM kv_state LIMIT 1")
 
-    # Writes.
+    # Writes. A batch costs two trips to the writer's worker thread: its prefetch SELECTs, queued
+    # together, and its transaction (see `_Connection.transaction`).
 
     async def write(self, op: WriteOp) -> WriteResult:
         if self._closed:
@@ -409,24 +616,12 @@ class SqliteStore:
     async def _commit(self, ops: list[WriteOp]) -> BatchPlan:
         writer = self._require(self._writer)
         now = wall_clock_ms()
-        state = await self._prefetch(writer, ops, now)
+        prefetch = _Prefetch(ops, now)
+        state = prefetch.state(await writer.group(prefetch.queries) if prefetch.queries else [])
         plan = plan_batch(state, self._revision, ops, now)
         if not plan.events and plan.compact_revision is None:
             return plan
-        statements = _plan_statements(plan, now)
-        steps = [writer.submit("BEGIN IMMEDIATE"), *(writer.submit(sql, args) for sql, args in statements)]
-        outcomes = await asyncio.gather(*steps, return_exceptions=True)
-        failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
-        if failure is None:
-            try:
-                commit_started = time.perf_counter()
-                await writer.query("COMMIT")
-                commit_s = time.perf_counter() - commit_started
-            except StorageFailure as error:
-                failure = error
-        if failure is not None:
-            await _rollback(writer)
-            raise failure
+        commit_s = await writer.transaction(_plan_statements(plan, now))
         self.batches += 1
         self.batched_writes += len(ops)
         for observer in self.commit_observers:
@@ -442,42 +637,6 @@ class SqliteStore:
                 listener(plan.events)
         return plan
 
-    async def _prefetch(self, writer: _Connection, ops: list[WriteOp], now_ms: int) -> _Prefetched:
-        state = _Prefetched()
-        keys = sorted({op.key for op in ops if isinstance(op, PutOp | DeleteOp) and not _is_prefix(op)})
-        queries: list[asyncio.Future[list[tuple[Any, ...]]]] = []
-        for start in range(0, len(keys), _ROWS_PER_INSERT):
-            chunk = keys[start : start + _ROWS_PER_INSERT]
-            placeholders = ",".join("?" * len(chunk))
-            queries.append(
-                writer.submit(f"SELECT {_ENTRY_COLUMNS} FROM kv WHERE key IN ({placeholders})", chunk)
-            )
-        prefixes = [KeyRange.prefix(op.key) for op in ops if isinstance(op, DeleteOp) and op.prefix]
-        range_queries = [writer.submit(*_range_query(keys_range)) for keys_range in prefixes]
-        expires = [op for op in ops if isinstance(op, ExpireOp)]
-        expire_limit = sum(op.limit for op in expires)
-        # Due by the operations' own clocks (not the batch's), in the planner's order: deadline, key.
-        due_by = max((op.now_ms for op in expires), default=now_ms)
-        due_query = (
-            writer.submit(
-                f"SELECT {_ENTRY_COLUMNS} FROM kv WHERE expire_at_ms > 0 AND expire_at_ms <= ? "
-                "ORDER BY expire_at_ms, key LIMIT ?",
-                (due_by, expire_limit),
-            )
-            if expire_limit
-            else None
-        )
-        state.entries = dict.fromkeys(keys)
-        for rows in await asyncio.gather(*queries):
-            state.entries.update((row[0], _entry(row)) for row in rows)
-        for keys_range, query in zip(prefixes, range_queries, strict=True):
-            state.ranges.append((keys_range, [_entry(row) for row in await query]))
-        if due_query is not None:
-            state.due_entries = [_entry(row) for row in await due_query]
-        for entries in [state.due_entries, *(entries for _, entries in state.ranges)]:
-            state.entries.update((entry.key, entry) for entry in entries)
-        return state
-
     async def close(self) -> None:
         if self._closed:
             return
@@ -488,7 +647,20 @@ class SqliteStore:
             if connection is not None:
                 await asyncio.to_thread(connection.close)
         self._reader = self._writer = None
-        log.info("closed sqlite store %s at revision %d", self._path, self._revision)
+        log.info(
+            "closed sqlite store %s at revision %d (%d writes committed in %d batches)",
+            self._path,
+            self._revision,
+            self.batched_writes,
+            self.batches,
+        )
+
+
+def _fail_gets(batch: dict[str, list[asyncio.Future[Any]]], error: BaseException) -> None:
+    for futures in batch.values():
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
 
 
 def _is_prefix(op: WriteOp) -> bool:

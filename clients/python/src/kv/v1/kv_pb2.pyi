@@ -155,6 +155,36 @@ class PutResponse(_message.Message):
     prev_entry: Entry
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., created: _Optional[bool] = ..., entry: _Optional[_Union[Entry, _Mapping]] = ..., prev_entry: _Optional[_Union[Entry, _Mapping]] = ...) -> None: ...
 
+class BatchPutRequest(_message.Message):
+    __slots__ = ("puts",)
+    PUTS_FIELD_NUMBER: _ClassVar[int]
+    puts: _containers.RepeatedCompositeFieldContainer[PutRequest]
+    def __init__(self, puts: _Optional[_Iterable[_Union[PutRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchPutResponse(_message.Message):
+    __slots__ = ("header", "results")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    results: _containers.RepeatedCompositeFieldContainer[BatchPutResult]
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., results: _Optional[_Iterable[_Union[BatchPutResult, _Mapping]]] = ...) -> None: ...
+
+class BatchPutResult(_message.Message):
+    __slots__ = ("put", "error")
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    put: PutResponse
+    error: BatchPutError
+    def __init__(self, put: _Optional[_Union[PutResponse, _Mapping]] = ..., error: _Optional[_Union[BatchPutError, _Mapping]] = ...) -> None: ...
+
+class BatchPutError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class DeleteRequest(_message.Message):
     __slots__ = ("key", "prefix", "allow_missing", "if_mod_revision", "if_version", "return_previous")
     KEY_FIELD_NUMBER: _ClassVar[int]

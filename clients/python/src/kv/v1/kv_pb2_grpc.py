@@ -64,6 +64,11 @@ class KeyValueStub:
                 request_serializer=kv_dot_v1_dot_kv__pb2.PutValueRequest.SerializeToString,
                 response_deserializer=kv_dot_v1_dot_kv__pb2.PutValueResponse.FromString,
                 _registered_method=True)
+        self.BatchPut = channel.unary_unary(
+                '/kv.v1.KeyValue/BatchPut',
+                request_serializer=kv_dot_v1_dot_kv__pb2.BatchPutRequest.SerializeToString,
+                response_deserializer=kv_dot_v1_dot_kv__pb2.BatchPutResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/kv.v1.KeyValue/Delete',
                 request_serializer=kv_dot_v1_dot_kv__pb2.DeleteRequest.SerializeToString,
@@ -131,6 +136,22 @@ class KeyValueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchPut(self, request, context):
+        """BatchPut applies many puts in one call: each put of the batch is what
+        a Put call with the same PutRequest would do, applied in the order
+        given, each on its own with its own revision. The puts are not atomic as
+        a group: a put whose condition fails is reported in its result and the
+        others are still applied. The call returns once every applied put is
+        durable. A request that breaks a rule of this contract (an empty batch,
+        more than 1000 puts, an invalid field of any put) fails as a whole with
+        INVALID_ARGUMENT naming the field, such as `puts[3].key`, and writes
+        nothing. A caller must be allowed to write every key of the batch, or
+        the whole call fails with PERMISSION_DENIED and writes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Delete(self, request, context):
         """Delete removes one key, or every key under a prefix.
         Deleting an absent key is NOT_FOUND unless allow_missing is set.
@@ -186,6 +207,11 @@ def add_KeyValueServicer_to_server(servicer, server):
                     servicer.PutValue,
                     request_deserializer=kv_dot_v1_dot_kv__pb2.PutValueRequest.FromString,
                     response_serializer=kv_dot_v1_dot_kv__pb2.PutValueResponse.SerializeToString,
+            ),
+            'BatchPut': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchPut,
+                    request_deserializer=kv_dot_v1_dot_kv__pb2.BatchPutRequest.FromString,
+                    response_serializer=kv_dot_v1_dot_kv__pb2.BatchPutResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -325,6 +351,33 @@ class KeyValue:
             '/kv.v1.KeyValue/PutValue',
             kv_dot_v1_dot_kv__pb2.PutValueRequest.SerializeToString,
             kv_dot_v1_dot_kv__pb2.PutValueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchPut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kv.v1.KeyValue/BatchPut',
+            kv_dot_v1_dot_kv__pb2.BatchPutRequest.SerializeToString,
+            kv_dot_v1_dot_kv__pb2.BatchPutResponse.FromString,
             options,
             channel_credentials,
             insecure,

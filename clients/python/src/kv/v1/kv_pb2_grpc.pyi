@@ -70,6 +70,18 @@ class KeyValueStub:
     """PutValue is Put with the value given as raw bytes and a content type.
     Over REST the request body is the value itself.
     """
+    BatchPut: _grpc.UnaryUnaryMultiCallable[_kv_pb2.BatchPutRequest, _kv_pb2.BatchPutResponse]
+    """BatchPut applies many puts in one call: each put of the batch is what
+    a Put call with the same PutRequest would do, applied in the order
+    given, each on its own with its own revision. The puts are not atomic as
+    a group: a put whose condition fails is reported in its result and the
+    others are still applied. The call returns once every applied put is
+    durable. A request that breaks a rule of this contract (an empty batch,
+    more than 1000 puts, an invalid field of any put) fails as a whole with
+    INVALID_ARGUMENT naming the field, such as `puts[3].key`, and writes
+    nothing. A caller must be allowed to write every key of the batch, or
+    the whole call fails with PERMISSION_DENIED and writes nothing.
+    """
     Delete: _grpc.UnaryUnaryMultiCallable[_kv_pb2.DeleteRequest, _kv_pb2.DeleteResponse]
     """Delete removes one key, or every key under a prefix.
     Deleting an absent key is NOT_FOUND unless allow_missing is set.
@@ -117,6 +129,18 @@ class KeyValueAsyncStub(KeyValueStub):
     PutValue: _aio.UnaryUnaryMultiCallable[_kv_pb2.PutValueRequest, _kv_pb2.PutValueResponse]  # type: ignore[assignment]
     """PutValue is Put with the value given as raw bytes and a content type.
     Over REST the request body is the value itself.
+    """
+    BatchPut: _aio.UnaryUnaryMultiCallable[_kv_pb2.BatchPutRequest, _kv_pb2.BatchPutResponse]  # type: ignore[assignment]
+    """BatchPut applies many puts in one call: each put of the batch is what
+    a Put call with the same PutRequest would do, applied in the order
+    given, each on its own with its own revision. The puts are not atomic as
+    a group: a put whose condition fails is reported in its result and the
+    others are still applied. The call returns once every applied put is
+    durable. A request that breaks a rule of this contract (an empty batch,
+    more than 1000 puts, an invalid field of any put) fails as a whole with
+    INVALID_ARGUMENT naming the field, such as `puts[3].key`, and writes
+    nothing. A caller must be allowed to write every key of the batch, or
+    the whole call fails with PERMISSION_DENIED and writes nothing.
     """
     Delete: _aio.UnaryUnaryMultiCallable[_kv_pb2.DeleteRequest, _kv_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete removes one key, or every key under a prefix.
@@ -186,6 +210,24 @@ class KeyValueServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kv_pb2.PutValueResponse, _abc.Awaitable[_kv_pb2.PutValueResponse]]:
         """PutValue is Put with the value given as raw bytes and a content type.
         Over REST the request body is the value itself.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchPut(
+        self,
+        request: _kv_pb2.BatchPutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kv_pb2.BatchPutResponse, _abc.Awaitable[_kv_pb2.BatchPutResponse]]:
+        """BatchPut applies many puts in one call: each put of the batch is what
+        a Put call with the same PutRequest would do, applied in the order
+        given, each on its own with its own revision. The puts are not atomic as
+        a group: a put whose condition fails is reported in its result and the
+        others are still applied. The call returns once every applied put is
+        durable. A request that breaks a rule of this contract (an empty batch,
+        more than 1000 puts, an invalid field of any put) fails as a whole with
+        INVALID_ARGUMENT naming the field, such as `puts[3].key`, and writes
+        nothing. A caller must be allowed to write every key of the batch, or
+        the whole call fails with PERMISSION_DENIED and writes nothing.
         """
 
     @_abc_1.abstractmethod

@@ -11,6 +11,7 @@ from typing import Any
 
 from kvclient._protocol import DEFAULT_TARGET
 from kvclient._sync import Client
+from kvclient.cli import _bench, _load
 from kvclient.cli import _output as out
 from kvclient.errors import Conflict, InvalidArgument, KeyNotFound, KvError, Unavailable
 from kvclient.models import Tls
@@ -32,7 +33,7 @@ EXIT_CODES: tuple[tuple[type[KvError], int], ...] = (
 )
 
 DESCRIPTION = """\
-kv: talk to a kv server (put, get, delete, list, watch, status).
+kv: talk to a kv server (put, get, delete, list, watch, status), or load it (bench).
 
 The server is --address, or $KV_ADDRESS, or 127.0.0.1:50051. Every command takes
 -o json for machine-readable output (one JSON object per line for watch)."""
@@ -44,6 +45,7 @@ examples:
   kv list --prefix app/             table of the keys under app/
   kv watch --prefix app/            follow changes until Ctrl-C
   KV_ADDRESS=10.0.0.5:50051 kv status
+  kv bench --duration 10 --preload  load test: calls/s, p50/p90/p99/max latency
 
 exit status:
   0 success, 1 key not found, 2 usage error or invalid request,
@@ -221,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = command("status", "Show the server's revision, store, key count and limits.", "  kv status")
     status.set_defaults(run=_status)
+    _load.add_parser(command)
+
+    bench = command(
+        "bench",
+        "Load the server with Gets and Puts; report throughput and latency percentiles.",
+        "",
+    )
+    _bench.configure(bench)  # its options, description and examples, and set_defaults(bench=...)
     return parser
 
 
@@ -386,8 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(getattr(args, name, None), str) and not (name == "value" and args.command == "put"):
             _check_text(parser, name.upper(), getattr(args, name))
     tls = _tls(args, parser)
-    run: Command = args.run
+    bench: Callable[[argparse.Namespace, Tls | bool], int] | None = getattr(args, "bench", None)
     try:
+        if bench is not None:  # kv bench opens its own channels (or REST connections), many of them
+            return bench(args, tls)
+        run: Command = args.run
         with Client(args.address, timeout=args.timeout, tls=tls, token=args.token) as client:
             return run(client, args)
     except KvError as error:

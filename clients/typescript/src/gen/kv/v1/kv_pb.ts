@@ -26,7 +26,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kv/v1/kv.proto.
  */
 export const file_kv_v1_kv: GenFile = /*@__PURE__*/
-  fileDesc("Cg5rdi92MS9rdi5wcm90bxIFa3YudjEiIgoOUmVzcG9uc2VIZWFkZXISEAoIcmV2aXNpb24YASABKAMizgEKBUVudHJ5EgsKA2tleRgBIAEoCRIPCgV2YWx1ZRgCIAEoCUgAEhUKC3ZhbHVlX2J5dGVzGAMgASgMSAASFwoPY3JlYXRlX3JldmlzaW9uGAQgASgDEhQKDG1vZF9yZXZpc2lvbhgFIAEoAxIPCgd2ZXJzaW9uGAYgASgDEi8KC2V4cGlyZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgxjb250ZW50X3R5cGUYCCABKAlCCQoHY29udGVudCK1AQoFRXZlbnQSHwoEdHlwZRgBIAEoDjIRLmt2LnYxLkV2ZW50LlR5cGUSGwoFZW50cnkYAiABKAsyDC5rdi52MS5FbnRyeRIgCgpwcmV2X2VudHJ5GAMgASgLMgwua3YudjEuRW50cnkiTAoEVHlwZRIUChBUWVBFX1VOU1BFQ0lGSUVEEAASDAoIVFlQRV9QVVQQARIPCgtUWVBFX0RFTEVURRACEg8KC1RZUEVfRVhQSVJFEAMiQgoKR2V0UmVxdWVzdBILCgNrZXkYASABKAkSJwoLY29uc2lzdGVuY3kYAiABKA4yEi5rdi52MS5Db25zaXN0ZW5jeSJRCgtHZXRSZXNwb25zZRIlCgZoZWFkZXIYASABKAsyFS5rdi52MS5SZXNwb25zZUhlYWRlchIbCgVlbnRyeRgCIAEoCzIMLmt2LnYxLkVudHJ5It8BCgpQdXRSZXF1ZXN0EgsKA2tleRgBIAEoCRIPCgV2YWx1ZRgCIAEoCUgAEhUKC3ZhbHVlX2J5dGVzGAMgASgMSAASDgoGdHRsX21zGAQgASgDEhEKCWlmX2Fic2VudBgFIAEoCBISCgppZl9wcmVzZW50GAYgASgIEhcKD2lmX21vZF9yZXZpc2lvbhgHIAEoAxISCgppZl92ZXJzaW9uGAggASgDEhcKD3JldHVybl9wcmV2aW91cxgJIAEoCBIUCgxjb250ZW50X3R5cGUYCiABKAlCCQoHY29udGVudCJHCg9HZXRWYWx1ZVJlcXVlc3QSCwoDa2V5GAEgASgJEicKC2NvbnNpc3RlbmN5GAIgASgOMhIua3YudjEuQ29uc2lzdGVuY3kipgEKD1B1dFZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSIgoEYm9keRgCIAEoCzIULmdvb2dsZS5hcGkuSHR0cEJvZHkSDgoGdHRsX21zGAMgASgDEhEKCWlmX2Fic2VudBgEIAEoCBISCgppZl9wcmVzZW50GAUgASgIEhcKD2lmX21vZF9yZXZpc2lvbhgGIAEoAxISCgppZl92ZXJzaW9uGAcgASgDImcKEFB1dFZhbHVlUmVzcG9uc2USJQoGaGVhZGVyGAEgASgLMhUua3YudjEuUmVzcG9uc2VIZWFkZXISDwoHY3JlYXRlZBgCIAEoCBIbCgVlbnRyeRgDIAEoCzIMLmt2LnYxLkVudHJ5IoQBCgtQdXRSZXNwb25zZRIlCgZoZWFkZXIYASABKAsyFS5rdi52MS5SZXNwb25zZUhlYWRlchIPCgdjcmVhdGVkGAIgASgIEhsKBWVudHJ5GAMgASgLMgwua3YudjEuRW50cnkSIAoKcHJldl9lbnRyeRgEIAEoCzIMLmt2LnYxLkVudHJ5IokBCg1EZWxldGVSZXF1ZXN0EgsKA2tleRgBIAEoCRIOCgZwcmVmaXgYAiABKAgSFQoNYWxsb3dfbWlzc2luZxgDIAEoCBIXCg9pZl9tb2RfcmV2aXNpb24YBCABKAMSEgoKaWZfdmVyc2lvbhgFIAEoAxIXCg9yZXR1cm5fcHJldmlvdXMYBiABKAgibAoORGVsZXRlUmVzcG9uc2USJQoGaGVhZGVyGAEgASgLMhUua3YudjEuUmVzcG9uc2VIZWFkZXISDwoHZGVsZXRlZBgCIAEoAxIiCgxwcmV2X2VudHJpZXMYAyADKAsyDC5rdi52MS5FbnRyeSKSAQoLTGlzdFJlcXVlc3QSDgoGcHJlZml4GAEgASgJEhEKCXN0YXJ0X2tleRgCIAEoCRIPCgdlbmRfa2V5GAMgASgJEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJEhEKCWtleXNfb25seRgGIAEoCBIVCg1pbmNsdWRlX2NvdW50GAcgASgIInwKDExpc3RSZXNwb25zZRIlCgZoZWFkZXIYASABKAsyFS5rdi52MS5SZXNwb25zZUhlYWRlchIdCgdlbnRyaWVzGAIgAygLMgwua3YudjEuRW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAMgASgJEg0KBWNvdW50GAQgASgDIpoBCgxXYXRjaFJlcXVlc3QSCwoDa2V5GAEgASgJEg4KBnByZWZpeBgCIAEoCBIWCg5zdGFydF9yZXZpc2lvbhgDIAEoAxIdChVpbmNsdWRlX2luaXRpYWxfc3RhdGUYBCABKAgSGAoQaW5jbHVkZV9wcmV2aW91cxgFIAEoCBIcChRwcm9ncmVzc19pbnRlcnZhbF9tcxgGIAEoAyK/AQoNV2F0Y2hSZXNwb25zZRIlCgZoZWFkZXIYASABKAsyFS5rdi52MS5SZXNwb25zZUhlYWRlchIcCgZldmVudHMYAiADKAsyDC5rdi52MS5FdmVudBIlCg9pbml0aWFsX2VudHJpZXMYAyADKAsyDC5rdi52MS5FbnRyeRIeChZpbml0aWFsX3N0YXRlX2NvbXBsZXRlGAQgASgIEiIKBmNhbmNlbBgFIAEoCzISLmt2LnYxLldhdGNoQ2FuY2VsIuMBCgtXYXRjaENhbmNlbBIpCgZyZWFzb24YASABKA4yGS5rdi52MS5XYXRjaENhbmNlbC5SZWFzb24SGAoQY29tcGFjdF9yZXZpc2lvbhgCIAEoAxIXCg9yZXN1bWVfcmV2aXNpb24YAyABKAMSDwoHbWVzc2FnZRgEIAEoCSJlCgZSZWFzb24SFgoSUkVBU09OX1VOU1BFQ0lGSUVEEAASFAoQUkVBU09OX0NPTVBBQ1RFRBABEhgKFFJFQVNPTl9TTE9XX0NPTlNVTUVSEAISEwoPUkVBU09OX1NIVVRET1dOEAMiDwoNU3RhdHVzUmVxdWVzdCLvAQoOU3RhdHVzUmVzcG9uc2USJQoGaGVhZGVyGAEgASgLMhUua3YudjEuUmVzcG9uc2VIZWFkZXISFgoOc2VydmVyX3ZlcnNpb24YAiABKAkSEQoJc2VydmVyX2lkGAMgASgJEg0KBXN0b3JlGAQgASgJEhgKEGNvbXBhY3RfcmV2aXNpb24YBSABKAMSEQoJa2V5X2NvdW50GAYgASgDEh0KBmxpbWl0cxgHIAEoCzINLmt2LnYxLkxpbWl0cxIwCgxzdGFydGVkX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpABCgZMaW1pdHMSFQoNbWF4X2tleV9ieXRlcxgBIAEoAxIXCg9tYXhfdmFsdWVfYnl0ZXMYAiABKAMSGQoRZGVmYXVsdF9wYWdlX3NpemUYAyABKAUSFQoNbWF4X3BhZ2Vfc2l6ZRgEIAEoBRIkChxkZWZhdWx0X3Byb2dyZXNzX2ludGVydmFsX21zGAUgASgDKl8KC0NvbnNpc3RlbmN5EhsKF0NPTlNJU1RFTkNZX1VOU1BFQ0lGSUVEEAASHAoYQ09OU0lTVEVOQ1lfTElORUFSSVpBQkxFEAESFQoRQ09OU0lTVEVOQ1lfTE9DQUwQAjK2BQoIS2V5VmFsdWUSRQoDR2V0EhEua3YudjEuR2V0UmVxdWVzdBoSLmt2LnYxLkdldFJlc3BvbnNlIheC0+STAhESDy92MS9rdi97a2V5PSoqfRJkCghHZXRWYWx1ZRIWLmt2LnYxLkdldFZhbHVlUmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiKoLT5JMCJBIQL3YxL3Jhdy97a2V5PSoqfVoQEg4va2V5cy97a2V5PSoqfRJICgNQdXQSES5rdi52MS5QdXRSZXF1ZXN0GhIua3YudjEuUHV0UmVzcG9uc2UiGoLT5JMCFBoPL3YxL2t2L3trZXk9Kip9OgEqEnMKCFB1dFZhbHVlEhYua3YudjEuUHV0VmFsdWVSZXF1ZXN0Ghcua3YudjEuUHV0VmFsdWVSZXNwb25zZSI2gtPkkwIwGhAvdjEvcmF3L3trZXk9Kip9OgRib2R5WhYaDi9rZXlzL3trZXk9Kip9OgRib2R5Ek4KBkRlbGV0ZRIULmt2LnYxLkRlbGV0ZVJlcXVlc3QaFS5rdi52MS5EZWxldGVSZXNwb25zZSIXgtPkkwIRKg8vdjEva3Yve2tleT0qKn0SPwoETGlzdBISLmt2LnYxLkxpc3RSZXF1ZXN0GhMua3YudjEuTGlzdFJlc3BvbnNlIg6C0+STAggSBi92MS9rdhJXCgVXYXRjaBITLmt2LnYxLldhdGNoUmVxdWVzdBoULmt2LnYxLldhdGNoUmVzcG9uc2UiIYLT5JMCGyIJL3YxL3dhdGNoOgEqWgsSCS92MS93YXRjaDABElQKBlN0YXR1cxIULmt2LnYxLlN0YXR1c1JlcXVlc3QaFS5rdi52MS5TdGF0dXNSZXNwb25zZSIdgtPkkwIXEgovdjEvc3RhdHVzWgkSBy9zdGF0dXNCMQoJZGV2Lmt2LnYxUAFaImdpdGh1Yi5jb20va3Yva3YvZ2VuL2dvL2t2L3YxO2t2djFiBnByb3RvMw", [file_google_api_annotations, file_google_api_httpbody, file_google_protobuf_timestamp]);
+  fileDesc("Cg5rdi92MS9rdi5wcm90bxIFa3YudjEiIgoOUmVzcG9uc2VIZWFkZXISEAoIcmV2aXNpb24YASABKAMizgEKBUVudHJ5EgsKA2tleRgBIAEoCRIPCgV2YWx1ZRgCIAEoCUgAEhUKC3ZhbHVlX2J5dGVzGAMgASgMSAASFwoPY3JlYXRlX3JldmlzaW9uGAQgASgDEhQKDG1vZF9yZXZpc2lvbhgFIAEoAxIPCgd2ZXJzaW9uGAYgASgDEi8KC2V4cGlyZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgxjb250ZW50X3R5cGUYCCABKAlCCQoHY29udGVudCK1AQoFRXZlbnQSHwoEdHlwZRgBIAEoDjIRLmt2LnYxLkV2ZW50LlR5cGUSGwoFZW50cnkYAiABKAsyDC5rdi52MS5FbnRyeRIgCgpwcmV2X2VudHJ5GAMgASgLMgwua3YudjEuRW50cnkiTAoEVHlwZRIUChBUWVBFX1VOU1BFQ0lGSUVEEAASDAoIVFlQRV9QVVQQARIPCgtUWVBFX0RFTEVURRACEg8KC1RZUEVfRVhQSVJFEAMiQgoKR2V0UmVxdWVzdBILCgNrZXkYASABKAkSJwoLY29uc2lzdGVuY3kYAiABKA4yEi5rdi52MS5Db25zaXN0ZW5jeSJRCgtHZXRSZXNwb25zZRIlCgZoZWFkZXIYASABKAsyFS5rdi52MS5SZXNwb25zZUhlYWRlchIbCgVlbnRyeRgCIAEoCzIMLmt2LnYxLkVudHJ5It8BCgpQdXRSZXF1ZXN0EgsKA2tleRgBIAEoCRIPCgV2YWx1ZRgCIAEoCUgAEhUKC3ZhbHVlX2J5dGVzGAMgASgMSAASDgoGdHRsX21zGAQgASgDEhEKCWlmX2Fic2VudBgFIAEoCBISCgppZl9wcmVzZW50GAYgASgIEhcKD2lmX21vZF9yZXZpc2lvbhgHIAEoAxISCgppZl92ZXJzaW9uGAggASgDEhcKD3JldHVybl9wcmV2aW91cxgJIAEoCBIUCgxjb250ZW50X3R5cGUYCiABKAlCCQoHY29udGVudCJHCg9HZXRWYWx1ZVJlcXVlc3QSCwoDa2V5GAEgASgJEicKC2NvbnNpc3RlbmN5GAIgASgOMhIua3YudjEuQ29uc2lzdGVuY3kipgEKD1B1dFZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSIgoEYm9keRgCIAEoCzIULmdvb2dsZS5hcGkuSHR0cEJvZHkSDgoGdHRsX21zGAMgASgDEhEKCWlmX2Fic2VudBgEIAEoCBISCgppZl9wcmVzZW50GAUgASgIEhcKD2lmX21vZF9yZXZpc2lvbhgGIAEoAxISCgppZl92ZXJzaW9uGAcgASgDImcKEFB1dFZhbHVlUmVzcG9uc2USJQoGaGVhZGVyGAEgASgLMhUua3YudjEuUmVzcG9uc2VIZWFkZXISDwoHY3JlYXRlZBgCIAEoCBIbCgVlbnRyeRgDIAEoCzIMLmt2LnYxLkVudHJ5IoQBCgtQdXRSZXNwb25zZRIlCgZoZWFkZXIYASABKAsyFS5rdi52MS5SZXNwb25zZUhlYWRlchIPCgdjcmVhdGVkGAIgASgIEhsKBWVudHJ5GAMgASgLMgwua3YudjEuRW50cnkSIAoKcHJldl9lbnRyeRgEIAEoCzIMLmt2LnYxLkVudHJ5IjIKD0JhdGNoUHV0UmVxdWVzdBIfCgRwdXRzGAEgAygLMhEua3YudjEuUHV0UmVxdWVzdCJhChBCYXRjaFB1dFJlc3BvbnNlEiUKBmhlYWRlchgBIAEoCzIVLmt2LnYxLlJlc3BvbnNlSGVhZGVyEiYKB3Jlc3VsdHMYAiADKAsyFS5rdi52MS5CYXRjaFB1dFJlc3VsdCJkCg5CYXRjaFB1dFJlc3VsdBIhCgNwdXQYASABKAsyEi5rdi52MS5QdXRSZXNwb25zZUgAEiUKBWVycm9yGAIgASgLMhQua3YudjEuQmF0Y2hQdXRFcnJvckgAQggKBnJlc3VsdCIuCg1CYXRjaFB1dEVycm9yEgwKBGNvZGUYASABKAUSDwoHbWVzc2FnZRgCIAEoCSKJAQoNRGVsZXRlUmVxdWVzdBILCgNrZXkYASABKAkSDgoGcHJlZml4GAIgASgIEhUKDWFsbG93X21pc3NpbmcYAyABKAgSFwoPaWZfbW9kX3JldmlzaW9uGAQgASgDEhIKCmlmX3ZlcnNpb24YBSABKAMSFwoPcmV0dXJuX3ByZXZpb3VzGAYgASgIImwKDkRlbGV0ZVJlc3BvbnNlEiUKBmhlYWRlchgBIAEoCzIVLmt2LnYxLlJlc3BvbnNlSGVhZGVyEg8KB2RlbGV0ZWQYAiABKAMSIgoMcHJldl9lbnRyaWVzGAMgAygLMgwua3YudjEuRW50cnkikgEKC0xpc3RSZXF1ZXN0Eg4KBnByZWZpeBgBIAEoCRIRCglzdGFydF9rZXkYAiABKAkSDwoHZW5kX2tleRgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCRIRCglrZXlzX29ubHkYBiABKAgSFQoNaW5jbHVkZV9jb3VudBgHIAEoCCJ8CgxMaXN0UmVzcG9uc2USJQoGaGVhZGVyGAEgASgLMhUua3YudjEuUmVzcG9uc2VIZWFkZXISHQoHZW50cmllcxgCIAMoCzIMLmt2LnYxLkVudHJ5EhcKD25leHRfcGFnZV90b2tlbhgDIAEoCRINCgVjb3VudBgEIAEoAyKaAQoMV2F0Y2hSZXF1ZXN0EgsKA2tleRgBIAEoCRIOCgZwcmVmaXgYAiABKAgSFgoOc3RhcnRfcmV2aXNpb24YAyABKAMSHQoVaW5jbHVkZV9pbml0aWFsX3N0YXRlGAQgASgIEhgKEGluY2x1ZGVfcHJldmlvdXMYBSABKAgSHAoUcHJvZ3Jlc3NfaW50ZXJ2YWxfbXMYBiABKAMivwEKDVdhdGNoUmVzcG9uc2USJQoGaGVhZGVyGAEgASgLMhUua3YudjEuUmVzcG9uc2VIZWFkZXISHAoGZXZlbnRzGAIgAygLMgwua3YudjEuRXZlbnQSJQoPaW5pdGlhbF9lbnRyaWVzGAMgAygLMgwua3YudjEuRW50cnkSHgoWaW5pdGlhbF9zdGF0ZV9jb21wbGV0ZRgEIAEoCBIiCgZjYW5jZWwYBSABKAsyEi5rdi52MS5XYXRjaENhbmNlbCLjAQoLV2F0Y2hDYW5jZWwSKQoGcmVhc29uGAEgASgOMhkua3YudjEuV2F0Y2hDYW5jZWwuUmVhc29uEhgKEGNvbXBhY3RfcmV2aXNpb24YAiABKAMSFwoPcmVzdW1lX3JldmlzaW9uGAMgASgDEg8KB21lc3NhZ2UYBCABKAkiZQoGUmVhc29uEhYKElJFQVNPTl9VTlNQRUNJRklFRBAAEhQKEFJFQVNPTl9DT01QQUNURUQQARIYChRSRUFTT05fU0xPV19DT05TVU1FUhACEhMKD1JFQVNPTl9TSFVURE9XThADIg8KDVN0YXR1c1JlcXVlc3Qi7wEKDlN0YXR1c1Jlc3BvbnNlEiUKBmhlYWRlchgBIAEoCzIVLmt2LnYxLlJlc3BvbnNlSGVhZGVyEhYKDnNlcnZlcl92ZXJzaW9uGAIgASgJEhEKCXNlcnZlcl9pZBgDIAEoCRINCgVzdG9yZRgEIAEoCRIYChBjb21wYWN0X3JldmlzaW9uGAUgASgDEhEKCWtleV9jb3VudBgGIAEoAxIdCgZsaW1pdHMYByABKAsyDS5rdi52MS5MaW1pdHMSMAoMc3RhcnRlZF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKQAQoGTGltaXRzEhUKDW1heF9rZXlfYnl0ZXMYASABKAMSFwoPbWF4X3ZhbHVlX2J5dGVzGAIgASgDEhkKEWRlZmF1bHRfcGFnZV9zaXplGAMgASgFEhUKDW1heF9wYWdlX3NpemUYBCABKAUSJAocZGVmYXVsdF9wcm9ncmVzc19pbnRlcnZhbF9tcxgFIAEoAypfCgtDb25zaXN0ZW5jeRIbChdDT05TSVNURU5DWV9VTlNQRUNJRklFRBAAEhwKGENPTlNJU1RFTkNZX0xJTkVBUklaQUJMRRABEhUKEUNPTlNJU1RFTkNZX0xPQ0FMEAIyjwYKCEtleVZhbHVlEkUKA0dldBIRLmt2LnYxLkdldFJlcXVlc3QaEi5rdi52MS5HZXRSZXNwb25zZSIXgtPkkwIREg8vdjEva3Yve2tleT0qKn0SZAoIR2V0VmFsdWUSFi5rdi52MS5HZXRWYWx1ZVJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IiqC0+STAiQSEC92MS9yYXcve2tleT0qKn1aEBIOL2tleXMve2tleT0qKn0SSAoDUHV0EhEua3YudjEuUHV0UmVxdWVzdBoSLmt2LnYxLlB1dFJlc3BvbnNlIhqC0+STAhQaDy92MS9rdi97a2V5PSoqfToBKhJzCghQdXRWYWx1ZRIWLmt2LnYxLlB1dFZhbHVlUmVxdWVzdBoXLmt2LnYxLlB1dFZhbHVlUmVzcG9uc2UiNoLT5JMCMBoQL3YxL3Jhdy97a2V5PSoqfToEYm9keVoWGg4va2V5cy97a2V5PSoqfToEYm9keRJXCghCYXRjaFB1dBIWLmt2LnYxLkJhdGNoUHV0UmVxdWVzdBoXLmt2LnYxLkJhdGNoUHV0UmVzcG9uc2UiGoLT5JMCFCIPL3YxL2t2OmJhdGNoUHV0OgEqEk4KBkRlbGV0ZRIULmt2LnYxLkRlbGV0ZVJlcXVlc3QaFS5rdi52MS5EZWxldGVSZXNwb25zZSIXgtPkkwIRKg8vdjEva3Yve2tleT0qKn0SPwoETGlzdBISLmt2LnYxLkxpc3RSZXF1ZXN0GhMua3YudjEuTGlzdFJlc3BvbnNlIg6C0+STAggSBi92MS9rdhJXCgVXYXRjaBITLmt2LnYxLldhdGNoUmVxdWVzdBoULmt2LnYxLldhdGNoUmVzcG9uc2UiIYLT5JMCGyIJL3YxL3dhdGNoOgEqWgsSCS92MS93YXRjaDABElQKBlN0YXR1cxIULmt2LnYxLlN0YXR1c1JlcXVlc3QaFS5rdi52MS5TdGF0dXNSZXNwb25zZSIdgtPkkwIXEgovdjEvc3RhdHVzWgkSBy9zdGF0dXNCMQoJZGV2Lmt2LnYxUAFaImdpdGh1Yi5jb20va3Yva3YvZ2VuL2dvL2t2L3YxO2t2djFiBnByb3RvMw", [file_google_api_annotations, file_google_api_httpbody, file_google_protobuf_timestamp]);
 
 /**
  * ResponseHeader is carried by every response.
@@ -546,6 +546,133 @@ export const PutResponseSchema: GenMessage<PutResponse> = /*@__PURE__*/
   messageDesc(file_kv_v1_kv, 9);
 
 /**
+ * BatchPutRequest is a batch of puts for BatchPut.
+ *
+ * @generated from message kv.v1.BatchPutRequest
+ */
+export type BatchPutRequest = Message<"kv.v1.BatchPutRequest"> & {
+  /**
+   * puts are the puts to apply, in this order. Each is exactly what a Put
+   * call would take: value, ttl_ms, conditions, return_previous and
+   * content_type mean what they mean in PutRequest. It must hold at least 1
+   * and at most 1000 puts; the same key may appear more than once, and the
+   * later put then applies after the earlier one. The whole request must
+   * also fit the server's message size limit.
+   *
+   * @generated from field: repeated kv.v1.PutRequest puts = 1;
+   */
+  puts: PutRequest[];
+};
+
+/**
+ * Describes the message kv.v1.BatchPutRequest.
+ * Use `create(BatchPutRequestSchema)` to create a new message.
+ */
+export const BatchPutRequestSchema: GenMessage<BatchPutRequest> = /*@__PURE__*/
+  messageDesc(file_kv_v1_kv, 10);
+
+/**
+ * BatchPutResponse carries the outcome of every put of a batch.
+ *
+ * @generated from message kv.v1.BatchPutResponse
+ */
+export type BatchPutResponse = Message<"kv.v1.BatchPutResponse"> & {
+  /**
+   * header carries the store revision after the batch: at least the
+   * revision of its last applied put. When no put was applied it is the
+   * current revision.
+   *
+   * @generated from field: kv.v1.ResponseHeader header = 1;
+   */
+  header?: ResponseHeader | undefined;
+
+  /**
+   * results has one result per put of the request, in request order.
+   *
+   * @generated from field: repeated kv.v1.BatchPutResult results = 2;
+   */
+  results: BatchPutResult[];
+};
+
+/**
+ * Describes the message kv.v1.BatchPutResponse.
+ * Use `create(BatchPutResponseSchema)` to create a new message.
+ */
+export const BatchPutResponseSchema: GenMessage<BatchPutResponse> = /*@__PURE__*/
+  messageDesc(file_kv_v1_kv, 11);
+
+/**
+ * BatchPutResult is the outcome of one put of a batch: exactly one of `put`
+ * and `error` is set.
+ *
+ * @generated from message kv.v1.BatchPutResult
+ */
+export type BatchPutResult = Message<"kv.v1.BatchPutResult"> & {
+  /**
+   * The outcome.
+   *
+   * @generated from oneof kv.v1.BatchPutResult.result
+   */
+  result: {
+    /**
+     * put is set when the put was applied. It is what Put would have
+     * answered: its header carries this put's own revision.
+     *
+     * @generated from field: kv.v1.PutResponse put = 1;
+     */
+    value: PutResponse;
+    case: "put";
+  } | {
+    /**
+     * error is set when the put was not applied, and says why, as a Put
+     * call would have failed: ABORTED when a condition failed, UNAVAILABLE
+     * when the storage failed. Such a put changed nothing.
+     *
+     * @generated from field: kv.v1.BatchPutError error = 2;
+     */
+    value: BatchPutError;
+    case: "error";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message kv.v1.BatchPutResult.
+ * Use `create(BatchPutResultSchema)` to create a new message.
+ */
+export const BatchPutResultSchema: GenMessage<BatchPutResult> = /*@__PURE__*/
+  messageDesc(file_kv_v1_kv, 12);
+
+/**
+ * BatchPutError is why one put of a batch was not applied. Its fields have
+ * the numbers and types of the first two fields of google.rpc.Status, so it
+ * decodes as one.
+ *
+ * @generated from message kv.v1.BatchPutError
+ */
+export type BatchPutError = Message<"kv.v1.BatchPutError"> & {
+  /**
+   * code is the canonical gRPC status code (google.rpc.Code), never 0 (OK).
+   *
+   * @generated from field: int32 code = 1;
+   */
+  code: number;
+
+  /**
+   * message describes the error in English.
+   *
+   * @generated from field: string message = 2;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message kv.v1.BatchPutError.
+ * Use `create(BatchPutErrorSchema)` to create a new message.
+ */
+export const BatchPutErrorSchema: GenMessage<BatchPutError> = /*@__PURE__*/
+  messageDesc(file_kv_v1_kv, 13);
+
+/**
  * DeleteRequest removes one key or every key under a prefix.
  *
  * @generated from message kv.v1.DeleteRequest
@@ -604,7 +731,7 @@ export type DeleteRequest = Message<"kv.v1.DeleteRequest"> & {
  * Use `create(DeleteRequestSchema)` to create a new message.
  */
 export const DeleteRequestSchema: GenMessage<DeleteRequest> = /*@__PURE__*/
-  messageDesc(file_kv_v1_kv, 10);
+  messageDesc(file_kv_v1_kv, 14);
 
 /**
  * DeleteResponse describes the deletion.
@@ -641,7 +768,7 @@ export type DeleteResponse = Message<"kv.v1.DeleteResponse"> & {
  * Use `create(DeleteResponseSchema)` to create a new message.
  */
 export const DeleteResponseSchema: GenMessage<DeleteResponse> = /*@__PURE__*/
-  messageDesc(file_kv_v1_kv, 11);
+  messageDesc(file_kv_v1_kv, 15);
 
 /**
  * ListRequest selects a range of keys and one page of it.
@@ -711,7 +838,7 @@ export type ListRequest = Message<"kv.v1.ListRequest"> & {
  * Use `create(ListRequestSchema)` to create a new message.
  */
 export const ListRequestSchema: GenMessage<ListRequest> = /*@__PURE__*/
-  messageDesc(file_kv_v1_kv, 12);
+  messageDesc(file_kv_v1_kv, 16);
 
 /**
  * ListResponse is one page of a listing.
@@ -756,7 +883,7 @@ export type ListResponse = Message<"kv.v1.ListResponse"> & {
  * Use `create(ListResponseSchema)` to create a new message.
  */
 export const ListResponseSchema: GenMessage<ListResponse> = /*@__PURE__*/
-  messageDesc(file_kv_v1_kv, 13);
+  messageDesc(file_kv_v1_kv, 17);
 
 /**
  * WatchRequest selects the keys to watch and where to start.
@@ -821,7 +948,7 @@ export type WatchRequest = Message<"kv.v1.WatchRequest"> & {
  * Use `create(WatchRequestSchema)` to create a new message.
  */
 export const WatchRequestSchema: GenMessage<WatchRequest> = /*@__PURE__*/
-  messageDesc(file_kv_v1_kv, 14);
+  messageDesc(file_kv_v1_kv, 18);
 
 /**
  * WatchResponse is one message of a watch stream. Exactly one of these
@@ -874,7 +1001,7 @@ export type WatchResponse = Message<"kv.v1.WatchResponse"> & {
  * Use `create(WatchResponseSchema)` to create a new message.
  */
 export const WatchResponseSchema: GenMessage<WatchResponse> = /*@__PURE__*/
-  messageDesc(file_kv_v1_kv, 15);
+  messageDesc(file_kv_v1_kv, 19);
 
 /**
  * WatchCancel says why a watch stream ends and how to continue.
@@ -917,7 +1044,7 @@ export type WatchCancel = Message<"kv.v1.WatchCancel"> & {
  * Use `create(WatchCancelSchema)` to create a new message.
  */
 export const WatchCancelSchema: GenMessage<WatchCancel> = /*@__PURE__*/
-  messageDesc(file_kv_v1_kv, 16);
+  messageDesc(file_kv_v1_kv, 20);
 
 /**
  * Reason is why the stream ends.
@@ -963,7 +1090,7 @@ export enum WatchCancel_Reason {
  * Describes the enum kv.v1.WatchCancel.Reason.
  */
 export const WatchCancel_ReasonSchema: GenEnum<WatchCancel_Reason> = /*@__PURE__*/
-  enumDesc(file_kv_v1_kv, 16, 0);
+  enumDesc(file_kv_v1_kv, 20, 0);
 
 /**
  * StatusRequest asks for the server's status. It has no fields.
@@ -978,7 +1105,7 @@ export type StatusRequest = Message<"kv.v1.StatusRequest"> & {
  * Use `create(StatusRequestSchema)` to create a new message.
  */
 export const StatusRequestSchema: GenMessage<StatusRequest> = /*@__PURE__*/
-  messageDesc(file_kv_v1_kv, 17);
+  messageDesc(file_kv_v1_kv, 21);
 
 /**
  * StatusResponse describes the server.
@@ -1050,7 +1177,7 @@ export type StatusResponse = Message<"kv.v1.StatusResponse"> & {
  * Use `create(StatusResponseSchema)` to create a new message.
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
-  messageDesc(file_kv_v1_kv, 18);
+  messageDesc(file_kv_v1_kv, 22);
 
 /**
  * Limits are the limits a server enforces.
@@ -1100,7 +1227,7 @@ export type Limits = Message<"kv.v1.Limits"> & {
  * Use `create(LimitsSchema)` to create a new message.
  */
 export const LimitsSchema: GenMessage<Limits> = /*@__PURE__*/
-  messageDesc(file_kv_v1_kv, 19);
+  messageDesc(file_kv_v1_kv, 23);
 
 /**
  * Consistency says how fresh a read must be.
@@ -1198,6 +1325,25 @@ export const KeyValue: GenService<{
     methodKind: "unary";
     input: typeof PutValueRequestSchema;
     output: typeof PutValueResponseSchema;
+  },
+  /**
+   * BatchPut applies many puts in one call: each put of the batch is what
+   * a Put call with the same PutRequest would do, applied in the order
+   * given, each on its own with its own revision. The puts are not atomic as
+   * a group: a put whose condition fails is reported in its result and the
+   * others are still applied. The call returns once every applied put is
+   * durable. A request that breaks a rule of this contract (an empty batch,
+   * more than 1000 puts, an invalid field of any put) fails as a whole with
+   * INVALID_ARGUMENT naming the field, such as `puts[3].key`, and writes
+   * nothing. A caller must be allowed to write every key of the batch, or
+   * the whole call fails with PERMISSION_DENIED and writes nothing.
+   *
+   * @generated from rpc kv.v1.KeyValue.BatchPut
+   */
+  batchPut: {
+    methodKind: "unary";
+    input: typeof BatchPutRequestSchema;
+    output: typeof BatchPutResponseSchema;
   },
   /**
    * Delete removes one key, or every key under a prefix.
