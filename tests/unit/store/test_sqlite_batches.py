@@ -23,10 +23,10 @@ from kvserver.domain import (
     StorageFailure,
     wall_clock_ms,
 )
-from kvserver.store import sqlite as sqlite_module
 from kvserver.store.cache import CachedStore
 from kvserver.store.planner import BatchPlan
-from kvserver.store.sqlite import SqliteStore
+from kvserver.store.sqlite import SqliteStore, rows
+from kvserver.store.sqlite import store as sqlite_store
 
 
 @pytest.fixture
@@ -66,9 +66,7 @@ async def test_a_failing_statement_never_commits_the_rest_of_its_batch(
     store = await SqliteStore.open(str(tmp_path / "kv.db"))
     try:
         await store.write(PutOp("before", b"0"))
-        monkeypatch.setattr(
-            sqlite_module, "_plan_statements", failing_after_first(sqlite_module._plan_statements)
-        )
+        monkeypatch.setattr(sqlite_store, "plan_statements", failing_after_first(rows.plan_statements))
         writes = [store.write(PutOp(f"k{index}", b"v")) for index in range(5)]
         outcomes = await asyncio.gather(*writes, return_exceptions=True)
         assert all(isinstance(outcome, StorageFailure) for outcome in outcomes), outcomes
@@ -92,7 +90,7 @@ async def test_a_failing_prefetch_fails_its_batch_and_the_next_batch_works(
     def bad_range_query(*_: object) -> tuple[str, list[Any]]:
         return "SELECT * FROM no_such_table", []
 
-    monkeypatch.setattr(sqlite_module, "_range_query", bad_range_query)
+    monkeypatch.setattr(rows, "range_query", bad_range_query)
     outcomes = await asyncio.gather(
         store.write(DeleteOp("p/", prefix=True)), store.write(PutOp("k", b"v")), return_exceptions=True
     )
@@ -109,7 +107,7 @@ async def test_an_unexpected_error_while_planning_fails_only_its_batch(
     def broken_plan(*_: object) -> BatchPlan:
         raise RuntimeError("planner bug")
 
-    monkeypatch.setattr(sqlite_module, "plan_batch", broken_plan)
+    monkeypatch.setattr(sqlite_store, "plan_batch", broken_plan)
     with pytest.raises(StorageFailure, match="planner bug"):
         await store.write(PutOp("k", b"v"))
     monkeypatch.undo()
@@ -182,7 +180,7 @@ async def test_a_failing_get_statement_fails_only_its_gets(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await store.write(PutOp("k", b"v"))
-    monkeypatch.setattr(sqlite_module, "_GET_SQL", "SELECT * FROM no_such_table WHERE key IN ({})")
+    monkeypatch.setattr(sqlite_store, "_GET_SQL", "SELECT * FROM no_such_table WHERE key IN ({})")
     with pytest.raises(StorageFailure):
         await store.get("k", wall_clock_ms())
     monkeypatch.undo()

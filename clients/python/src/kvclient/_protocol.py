@@ -421,9 +421,23 @@ def put_outcomes(
     return outcomes
 
 
-def put_many_result(outcomes: list[PutOutcome], revision: int) -> PutManyResult:
-    """The PutManyResult of every call of a put_many."""
-    return PutManyResult(tuple(outcomes), revision)
+class PutMany:
+    """The BatchPut calls of one ``put_many`` (built and checked up front), and the result that
+    their responses add up to."""
+
+    def __init__(self, items: Iterable[PutManyItem], batch_size: int) -> None:
+        self.calls = batch_put_requests(items, batch_size)
+        self._outcomes: list[PutOutcome] = []
+        self._revision = 0
+
+    def add(
+        self, request: kv_pb2.BatchPutRequest, values: list[bytes], response: kv_pb2.BatchPutResponse
+    ) -> None:
+        self._outcomes.extend(put_outcomes(request, response, values))
+        self._revision = max(self._revision, response.header.revision)
+
+    def result(self) -> PutManyResult:
+        return PutManyResult(tuple(self._outcomes), self._revision)
 
 
 def put_is_idempotent(request: kv_pb2.PutRequest) -> bool:

@@ -21,7 +21,6 @@ from kvclient.models import (
     Limits,
     ListResult,
     PutManyResult,
-    PutOutcome,
     PutResult,
     RetryPolicy,
     ServerStatus,
@@ -202,15 +201,12 @@ class Client:
         ``timeout`` applies to each call. A call is retried on UNAVAILABLE only when every put
         of it is conditional on ``if_mod_revision`` or ``if_version``.
         """
-        calls = _p.batch_put_requests(items, batch_size)
-        outcomes: list[PutOutcome] = []
-        revision = 0
-        for request, values in calls:
+        batch = _p.PutMany(items, batch_size)
+        for request, values in batch.calls:
             idempotent = _p.batch_put_is_idempotent(request)
             response = self._call(self._stub.BatchPut, request, timeout=timeout, idempotent=idempotent)
-            outcomes.extend(_p.put_outcomes(request, response, values))
-            revision = max(revision, response.header.revision)
-        return _p.put_many_result(outcomes, revision)
+            batch.add(request, values, response)
+        return batch.result()
 
     def get(self, key: str, *, timeout: _p.Timeout = _p.DEFAULT) -> Entry:
         """Return the Entry of ``key``; raise :class:`KeyNotFound` when it does not exist.
