@@ -302,14 +302,14 @@ def load_keys(
     first, count = run.keys + 1, upto - run.keys
     processes = max(1, min(cfg.bulk_processes, count // 1000))
     share = -(-count // processes)
+    per_call = loadgen.batch_size(run.backend.name, batch)
     args = []
     for index in range(processes):
         start = first + index * share
         n = min(share, first + count - start)
         where = ["--system", run.backend.name, "--address", run.server.address]
-        sizes = ["--concurrency", str(flight), "--value-size", str(cfg.value_size), "--batch", str(batch)]
+        sizes = ["--concurrency", str(flight), "--value-size", str(cfg.value_size), "--batch", str(per_call)]
         args.append(["bulk", *where, "--first", str(start), "--count", str(n), *sizes])
-    per_call = loadgen.batch_size(run.backend.name, batch)
     how = f"{processes} processes x {flight} calls in flight x {per_call} puts per call"
     log(f"{run.backend.name}: {label}: {count} keys by {how}")
     loadavg = os.getloadavg()[0]

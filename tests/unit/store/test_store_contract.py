@@ -297,3 +297,85 @@ async def test_listeners_see_every_event_in_order_before_the_ack(store: Store) -
     await asyncio.gather(*(put(store, f"k{index}") for index in range(50)))
     await delete(store, "k", prefix=True)
     assert [event.revision for event in heard] == list(range(1, store.revision + 1))
+
+
+def in_submission_order(store: Store) -> bool:
+    """Whether the store applies the ops of one write_many in their order (etcd does not)."""
+    return store.name != "etcd"
+
+
+async def test_write_many_applies_each_op_with_its_own_revision(store: Store) -> None:
+    await put(store, "before")
+    ops = [PutOp(f"k{index}", bytes([index])) for index in range(20)]
+    results = await store.write_many(ops)
+    assert all(isinstance(result, PutResult) for result in results)
+    revisions = [result.revision for result in results if isinstance(result, PutResult)]
+    if in_submission_order(store):
+        assert revisions == list(range(2, 22))
+    else:
+        assert sorted(revisions) == list(range(2, 22))
+    assert store.revision == 21
+    for index, result in enumerate(results):
+        assert isinstance(result, PutResult)
+        assert result.entry == Entry(f"k{index}", bytes([index]), result.revision, result.revision, 1)
+        assert await get(store, f"k{index}") == result.entry
+
+
+async def test_write_many_puts_a_failed_op_in_its_place_and_applies_the_others(store: Store) -> None:
+    await put(store, "taken", b"old")
+    await put(store, "kept", b"one")
+    await get(store, "kept")  # cached by a caching store: the write must replace it
+    results = await store.write_many(
+        [
+            PutOp("first", b"1"),
+            PutOp("kept", b"two"),
+            PutOp("taken", b"new", condition=Condition(must_not_exist=True)),
+            DeleteOp("absent"),
+            PutOp("last", b"3"),
+        ]
+    )
+    assert [type(result) for result in results] == [
+        PutResult,
+        PutResult,
+        ConditionFailed,
+        KeyNotFound,
+        PutResult,
+    ]
+    applied = [result.revision for result in results if isinstance(result, PutResult)]
+    assert sorted(applied) == [3, 4, 5]
+    if in_submission_order(store):
+        assert applied == [3, 4, 5]
+    assert store.revision == 5
+    for key, result in zip(("first", "kept", "last"), (results[0], results[1], results[4]), strict=True):
+        assert isinstance(result, PutResult)
+        assert await get(store, key) == result.entry
+    kept = await get(store, "kept")
+    assert kept is not None
+    assert (kept.value, kept.version) == (b"two", 2)
+    taken = await get(store, "taken")
+    assert taken is not None
+    assert (taken.value, taken.mod_revision) == (b"old", 1)
+
+
+async def test_write_many_of_nothing_returns_nothing(store: Store) -> None:
+    assert await store.write_many([]) == []
+    assert store.revision == 0
+
+
+async def test_listeners_see_every_op_of_write_many_in_revision_order(store: Store) -> None:
+    heard: list[Event] = []
+
+    def listen(events: Sequence[Event]) -> None:
+        heard.extend(events)
+
+    store.add_listener(listen)
+    await put(store, "taken")
+    results = await store.write_many(
+        [PutOp(f"k{index}", b"v") for index in range(10)]
+        + [PutOp("taken", b"again", condition=Condition(must_not_exist=True))]
+        + [PutOp(f"m{index}", b"v") for index in range(10)]
+    )
+    assert isinstance(results[10], ConditionFailed)
+    assert [event.revision for event in heard] == list(range(1, 22))
+    written = {result.revision: result.entry for result in results if isinstance(result, PutResult)}
+    assert {event.revision: event.entry for event in heard[1:]} == written

@@ -6,7 +6,6 @@ rules are checked in one place. Validation errors name the request field at faul
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -140,19 +139,10 @@ class KvService:
                 field_name = f"puts[{index}].{error.field_name}"
                 problem = str(error).removeprefix(f"{error.field_name}: ")
                 raise InvalidArgument(field_name, problem) from None
-        # gather wraps each write in a task, in order; each task runs up to the store's queue in
-        # that order before any of them waits (memory, sqlite). The etcd store does not apply
-        # concurrent writes in submission order (each takes several round trips to etcd): there
-        # the puts of one batch may commit in another order, each still atomically.
-        outcomes = await asyncio.gather(*(self.store.write(op) for op in ops), return_exceptions=True)
-        results: list[PutResult | KvError] = []
-        for outcome in outcomes:
-            if isinstance(outcome, KvError):
-                results.append(outcome)
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                results.append(expect(outcome, PutResult))
+        outcomes = await self.store.write_many(ops)
+        results: list[PutResult | KvError] = [
+            outcome if isinstance(outcome, KvError) else expect(outcome, PutResult) for outcome in outcomes
+        ]
         applied = [result.revision for result in results if isinstance(result, PutResult)]
         return BatchOutcome(max([self.store.revision, *applied]), tuple(results))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from kvserver.domain import Entry, Event, KeyRange, Page, StoreStats, WriteOp, WriteResult
+from kvserver.domain import Entry, Event, KeyRange, KvError, Page, StoreStats, WriteOp, WriteResult
 
 EventListener = Callable[[Sequence[Event]], None]
 """Called on the event loop after each commit with its events, in revision order."""
@@ -41,6 +41,18 @@ class Store(Protocol):
 
     async def write(self, op: WriteOp) -> WriteResult:
         """Apply one write. Raises KeyNotFound or ConditionFailed, and then changes nothing."""
+
+    async def write_many(self, ops: Sequence[WriteOp]) -> list[WriteResult | KvError]:
+        """Apply `ops` in order, each on its own as `write` would, and return one outcome per op.
+
+        The ops are not atomic as a group: each gets its own revision, the one `write` would give
+        it. An op that fails with a KvError (a failed condition, an absent key, a storage
+        failure) gets that error in its place, changes nothing, and the other ops still apply.
+        Returns once every applied op is durable and the listeners have seen its events. An empty
+        sequence returns an empty list. An exception that is not a KvError propagates. A store
+        that does not keep concurrent writes in submission order (etcd) may commit the ops of
+        one call in another order, each still atomically.
+        """
 
     async def range(
         self,

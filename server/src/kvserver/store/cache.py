@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from kvserver.domain import Entry, Event, KeyRange, Page, StoreStats, WriteOp, WriteResult
+from kvserver.domain import Entry, Event, KeyRange, KvError, Page, StoreStats, WriteOp, WriteResult
 from kvserver.store.base import EventListener, Store
 
 
@@ -78,6 +78,11 @@ class CachedStore:
 
     async def write(self, op: WriteOp) -> WriteResult:
         return await self._store.write(op)
+
+    async def write_many(self, ops: Sequence[WriteOp]) -> list[WriteResult | KvError]:
+        # The inner store's listeners (`_invalidate`) see every applied op's events before this
+        # returns, as for `write`.
+        return await self._store.write_many(ops)
 
     async def range(
         self,

@@ -79,6 +79,7 @@ from kvserver.domain import (
     FutureRevision,
     KeyNotFound,
     KeyRange,
+    KvError,
     Page,
     PutOp,
     PutResult,
@@ -642,6 +643,19 @@ class EtcdStore:
         if isinstance(op, ExpireOp):
             return await self._expire(op)
         return await self._compact(op)
+
+    async def write_many(self, ops: Sequence[WriteOp]) -> list[WriteResult | KvError]:
+        # The writes go out concurrently, and etcd does not apply concurrent writes in submission
+        # order (each takes several round trips to etcd): the ops of one call may commit in
+        # another order, each still atomically.
+        outcomes = await asyncio.gather(*(self.write(op) for op in ops), return_exceptions=True)
+        results: list[WriteResult | KvError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, KvError) or not isinstance(outcome, BaseException):
+                results.append(outcome)
+            else:
+                raise outcome
+        return results
 
     async def _put(self, op: PutOp) -> PutResult:
         deadline = self._deadline()

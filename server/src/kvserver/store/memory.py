@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 
 from sortedcontainers import SortedDict, SortedSet
@@ -78,8 +78,18 @@ class MemoryStore:
         return self._revision, entry
 
     async def write(self, op: WriteOp) -> WriteResult:
+        result = self._apply([op])[0]
+        if isinstance(result, KvError):
+            raise result
+        return result
+
+    async def write_many(self, ops: Sequence[WriteOp]) -> list[WriteResult | KvError]:
+        return self._apply(ops) if ops else []
+
+    def _apply(self, ops: Sequence[WriteOp]) -> list[WriteResult | KvError]:
+        """Plan `ops` as one batch, apply its events and tell the listeners: one result per op."""
         now = wall_clock_ms()
-        plan = plan_batch(self, self._revision, [op], now_ms=now)
+        plan = plan_batch(self, self._revision, ops, now_ms=now)
         for event in plan.events:
             self._set(event.key, event.entry)
         self._events.extend(plan.events)
@@ -90,10 +100,7 @@ class MemoryStore:
         if plan.events:
             for listener in self._listeners:
                 listener(plan.events)
-        result = plan.results[0]
-        if isinstance(result, KvError):
-            raise result
-        return result
+        return plan.results
 
     def _set(self, key: str, entry: Entry | None) -> None:
         old = self._entries.pop(key, None)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -297,11 +297,37 @@ class SqliteStore:
     async def write(self, op: WriteOp) -> WriteResult:
         if self._closed:
             raise StorageFailure("the store is closed")
-        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        future = self._enqueue(op, asyncio.get_running_loop())
+        self._start_committer()
+        return await asyncio.shield(future)
+
+    async def write_many(self, ops: Sequence[WriteOp]) -> list[WriteResult | KvError]:
+        if self._closed:
+            raise StorageFailure("the store is closed")
+        if not ops:
+            return []
+        loop = asyncio.get_running_loop()
+        futures = [self._enqueue(op, loop) for op in ops]
+        self._start_committer()
+        # One wait for the whole batch (a gather of futures makes no tasks); the shield keeps the
+        # queued writes going if the caller is cancelled, as `write` does.
+        outcomes = await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+        results: list[WriteResult | KvError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, KvError) or not isinstance(outcome, BaseException):
+                results.append(outcome)
+            else:
+                raise outcome
+        return results
+
+    def _enqueue(self, op: WriteOp, loop: asyncio.AbstractEventLoop) -> asyncio.Future[WriteResult]:
+        future: asyncio.Future[WriteResult] = loop.create_future()
         self._queue.append(_Pending(op, future))
+        return future
+
+    def _start_committer(self) -> None:
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_queued(), name="sqlite-committer")
-        return await asyncio.shield(future)
 
     async def _commit_queued(self) -> None:
         while self._queue:
