@@ -1,7 +1,8 @@
 """Python load for what h2load cannot do: many different keys (h2load sends one fixed body).
 
-Run as worker processes (`python -m bench.loadgen ...`, one JSON line on stdout), started and
-collected by `run_workers`:
+Run as worker processes (`python -m bench.loadgen ...`: the result as JSON on stdout, or in the
+file `--result` names), started and collected by `run_workers`, which reads the files (a pipe's
+output can carry whatever a library prints):
 
     bulk    Puts of keys first..first+count-1 (bench/key/NNNNNNN), `concurrency` calls in flight;
             with --batch N, N puts per call: kv's BatchPut, etcd's Txn (at most 128 puts, etcd's
@@ -26,6 +27,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -225,6 +227,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=5.0, help="random: measured seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="random: seconds before measuring")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--result", type=Path, help="write the result here instead of stdout")
     p.add_argument("--rate", type=float, default=1000.0, help="paced: calls a second")
     p.add_argument("--key", default="", help="paced: the key")
     return p.parse_args(argv)
@@ -234,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     runner = {"bulk": bulk, "random": random_ops, "paced": paced}[ns.mode]
     result = uvloop.run(runner(ns))
-    print(json.dumps(result.__dict__))
+    if ns.result is None:
+        print(json.dumps(result.__dict__))
+    else:
+        ns.result.write_text(json.dumps(result.__dict__))
     return 0
 
 
@@ -262,35 +268,37 @@ class Combined:
 def run_workers(args: Sequence[Sequence[str]], timeout_s: float) -> Combined:
     """Start one worker process per argument list at once, wait for all, combine their results."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "bench.loadgen", *arg],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=REPO_ROOT,
-            env=env,
-        )
-        for arg in args
-    ]
-    results: list[WorkerResult] = []
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    deadline = time.monotonic() + timeout_s
-    try:
-        for proc in procs:
-            try:
-                out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
-            except subprocess.TimeoutExpired as exc:
-                raise BenchError(f"a load worker did not finish within {timeout_s:g} s") from exc
-            if proc.returncode != 0:
-                raise BenchError(
-                    f"load worker exited with {proc.returncode}:\n{err.decode(errors='replace')}"
-                )
-            results.append(WorkerResult(**json.loads(out)))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+    with tempfile.TemporaryDirectory(prefix="kv-loadgen-") as out_dir:
+        files = [Path(out_dir) / f"worker-{index}.json" for index in range(len(args))]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.loadgen", *arg, "--result", str(file)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                cwd=REPO_ROOT,
+                env=env,
+            )
+            for arg, file in zip(args, files, strict=True)
+        ]
+        results: list[WorkerResult] = []
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        deadline = time.monotonic() + timeout_s
+        try:
+            for proc, file in zip(procs, files, strict=True):
+                try:
+                    _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+                except subprocess.TimeoutExpired as exc:
+                    raise BenchError(f"a load worker did not finish within {timeout_s:g} s") from exc
+                if proc.returncode != 0:
+                    raise BenchError(
+                        f"load worker exited with {proc.returncode}:\n{err.decode(errors='replace')}"
+                    )
+                results.append(WorkerResult(**json.loads(file.read_text())))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # Only these workers end in this interval: the CPU of children reaped meanwhile is theirs.
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
