@@ -6,7 +6,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from kv.v1 import kv_pb2
 from kvserver.api.errors import status_for
-from kvserver.domain import NO_EXPIRY, Entry, Event, EventType, KvError
+from kvserver.domain import NO_EXPIRY, Entry, Event, EventType, KvError, PutResult
 from kvserver.service.kv import NO_CONDITIONS, BatchOutcome, Conditions, PutSpec
 from kvserver.service.watch import CancelReason, WatchMessage
 
@@ -27,21 +27,33 @@ def header(revision: int) -> kv_pb2.ResponseHeader:
 
 
 def entry_to_proto(entry: Entry, *, with_value: bool = True) -> kv_pb2.Entry:
-    message = kv_pb2.Entry(
-        key=entry.key,
-        create_revision=entry.create_revision,
-        mod_revision=entry.mod_revision,
-        version=entry.version,
-    )
+    message = kv_pb2.Entry()
+    _fill_entry(message, entry, with_value=with_value)
+    return message
+
+
+def _fill_entry(message: kv_pb2.Entry, entry: Entry, *, with_value: bool) -> None:
+    message.key = entry.key
+    message.create_revision = entry.create_revision
+    message.mod_revision = entry.mod_revision
+    message.version = entry.version
     if with_value and entry.value:
         try:
             message.value = entry.value.decode()
         except UnicodeDecodeError:
             message.value_bytes = entry.value
     if entry.expire_at_ms != NO_EXPIRY:
-        message.expire_time.CopyFrom(timestamp_from_ms(entry.expire_at_ms))
+        message.expire_time.FromMilliseconds(entry.expire_at_ms)
     message.content_type = entry.content_type
-    return message
+
+
+def fill_put_response(response: kv_pb2.PutResponse, result: PutResult, *, return_previous: bool) -> None:
+    """Write a put's result into `response`, in place (a BatchPutResponse holds many)."""
+    response.header.revision = result.revision
+    response.created = result.created
+    _fill_entry(response.entry, result.entry, with_value=False)
+    if return_previous and result.prev is not None:
+        _fill_entry(response.prev_entry, result.prev, with_value=True)
 
 
 def timestamp_from_ms(ms: int) -> Timestamp:
@@ -165,18 +177,5 @@ def batch_put_response(request: kv_pb2.BatchPutRequest, outcome: BatchOutcome) -
             item.error.code = status_for(result).value[0]
             item.error.message = str(result)
             continue
-        # Field by field into the response (a bulk load answers many): what put_response makes.
-        answer = item.put
-        answer.header.revision = result.revision
-        answer.created = result.created
-        entry, message = result.entry, answer.entry
-        message.key = entry.key
-        message.create_revision = entry.create_revision
-        message.mod_revision = entry.mod_revision
-        message.version = entry.version
-        message.content_type = entry.content_type
-        if entry.expire_at_ms != NO_EXPIRY:
-            message.expire_time.FromMilliseconds(entry.expire_at_ms)
-        if put.return_previous and result.prev is not None:
-            answer.prev_entry.CopyFrom(entry_to_proto(result.prev))
+        fill_put_response(item.put, result, return_previous=put.return_previous)
     return response

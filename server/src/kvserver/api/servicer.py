@@ -62,13 +62,8 @@ class KeyValueServicer:
             conditions=convert.conditions(request),
             content_type=request.content_type,
         )
-        response = kv_pb2.PutResponse(
-            header=convert.header(result.revision),
-            created=result.created,
-            entry=convert.entry_to_proto(result.entry, with_value=False),
-        )
-        if request.return_previous and result.prev is not None:
-            response.prev_entry.CopyFrom(convert.entry_to_proto(result.prev))
+        response = kv_pb2.PutResponse()
+        convert.fill_put_response(response, result, return_previous=request.return_previous)
         await announce_created(context, result.created)
         return response
 

@@ -90,3 +90,15 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Finish pending writes and release the storage."""
+
+
+def write_outcomes(outcomes: Sequence[WriteResult | BaseException]) -> list[WriteResult | KvError]:
+    """`write_many`'s result from a gather of writes with return_exceptions: a KvError stays in
+    its op's place; any other exception is raised."""
+    results: list[WriteResult | KvError] = []
+    for outcome in outcomes:
+        if isinstance(outcome, KvError) or not isinstance(outcome, BaseException):
+            results.append(outcome)
+        else:
+            raise outcome
+    return results

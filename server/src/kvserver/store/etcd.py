@@ -89,7 +89,7 @@ from kvserver.domain import (
     WriteResult,
     wall_clock_ms,
 )
-from kvserver.store.base import EventListener
+from kvserver.store.base import EventListener, write_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -648,14 +648,7 @@ class EtcdStore:
         # The writes go out concurrently, and etcd does not apply concurrent writes in submission
         # order (each takes several round trips to etcd): the ops of one call may commit in
         # another order, each still atomically.
-        outcomes = await asyncio.gather(*(self.write(op) for op in ops), return_exceptions=True)
-        results: list[WriteResult | KvError] = []
-        for outcome in outcomes:
-            if isinstance(outcome, KvError) or not isinstance(outcome, BaseException):
-                results.append(outcome)
-            else:
-                raise outcome
-        return results
+        return write_outcomes(await asyncio.gather(*(self.write(op) for op in ops), return_exceptions=True))
 
     async def _put(self, op: PutOp) -> PutResult:
         deadline = self._deadline()

@@ -24,7 +24,7 @@ from kvserver.domain import (
     WriteResult,
     wall_clock_ms,
 )
-from kvserver.store.base import EventListener
+from kvserver.store.base import EventListener, write_outcomes
 from kvserver.store.planner import BatchPlan, plan_batch
 from kvserver.store.sqlite.connection import Connection, storage_failure
 from kvserver.store.sqlite.rows import (
@@ -311,14 +311,7 @@ class SqliteStore:
         self._start_committer()
         # One wait for the whole batch (a gather of futures makes no tasks); the shield keeps the
         # queued writes going if the caller is cancelled, as `write` does.
-        outcomes = await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
-        results: list[WriteResult | KvError] = []
-        for outcome in outcomes:
-            if isinstance(outcome, KvError) or not isinstance(outcome, BaseException):
-                results.append(outcome)
-            else:
-                raise outcome
-        return results
+        return write_outcomes(await asyncio.shield(asyncio.gather(*futures, return_exceptions=True)))
 
     def _enqueue(self, op: WriteOp, loop: asyncio.AbstractEventLoop) -> asyncio.Future[WriteResult]:
         future: asyncio.Future[WriteResult] = loop.create_future()
